@@ -1,0 +1,309 @@
+"""A broadcaster backend for Redis pub/sub that owns its connection and survives faults.
+
+broadcaster 0.3.1's stock Redis backend receives nothing with redis-py 8, dies silently when
+the connection drops, and dies on one non-UTF-8 payload. This backend speaks RESP2 on a
+connection of its own (no redis-py pub/sub state machine in the way) and:
+
+- reconnects with capped, jittered exponential backoff and re-subscribes every wanted channel;
+- after a reconnect, puts a `GAP` event on each re-subscribed channel, in order with the
+  messages that follow, so the subscriber can back-fill what it missed;
+- passes payloads on as bytes: nothing here decodes them, so no payload can kill the loop;
+- never awaits in `subscribe`/`unsubscribe` (broadcaster registers its queue only after
+  `subscribe` returns): the command is written at once and `wait_live` says when Redis
+  has confirmed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Callable
+from typing import Any, Final, cast
+from urllib.parse import unquote, urlsplit
+
+from broadcaster import BroadcastBackend, Event
+
+log = logging.getLogger("chorus.backend")
+
+# Delivered as an Event's message when a channel's subscription was re-established after a
+# gap; compared by identity, so no payload from Redis can be mistaken for it.
+GAP: Final = cast(str, object())
+
+BACKOFF_INITIAL: Final = 0.05
+BACKOFF_CAP: Final = 2.0
+CONNECT_TIMEOUT: Final = 2.0
+# Redis sends nothing on an idle pub/sub connection; PING every so often so a dead peer
+# (no RST, e.g. a network partition) is noticed.
+KEEPALIVE_SECONDS: Final = 5.0
+
+
+class RespError(Exception):
+    pass
+
+
+def encode_command(*args: bytes | str) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else arg
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class RespParser:
+    """Incremental RESP2 parser for the replies a pub/sub connection sees."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def replies(self) -> list[Any]:
+        out: list[Any] = []
+        while True:
+            start = self._pos
+            try:
+                item = self._parse()
+            except _Incomplete:
+                self._pos = start
+                return out
+            out.append(item)
+
+    def _line(self) -> bytes:
+        end = self._buf.find(b"\r\n", self._pos)
+        if end < 0:
+            raise _Incomplete
+        line = bytes(self._buf[self._pos : end])
+        self._pos = end + 2
+        return line
+
+    def _parse(self) -> Any:
+        line = self._line()
+        if not line:
+            raise RespError("empty RESP line")
+        kind, rest = line[:1], line[1:]
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            end = self._pos + size
+            if len(self._buf) < end + 2:
+                raise _Incomplete
+            data = bytes(self._buf[self._pos : end])
+            self._pos = end + 2
+            return data
+        if kind == b"*":
+            count = int(rest)
+            return None if count < 0 else [self._parse() for _ in range(count)]
+        if kind == b":":
+            return int(rest)
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            return RespError(rest.decode(errors="replace"))
+        raise RespError(f"unexpected RESP type {kind!r}")
+
+
+class _Incomplete(Exception):
+    pass
+
+
+class RedisPubSubBackend(BroadcastBackend):
+    """Redis pub/sub for broadcaster, hardened; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        on_connection_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or 6379
+        self._username = unquote(parts.username) if parts.username else None
+        self._password = unquote(parts.password) if parts.password else None
+        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "rediss" else None
+        self._on_connection_change = on_connection_change
+        self._wanted: set[str] = set()
+        # Replies still outstanding per channel: a channel is live once it is wanted and
+        # every SUBSCRIBE/UNSUBSCRIBE written for it has been answered.
+        self._outstanding: dict[str, int] = {}
+        self._live: dict[str, asyncio.Event] = {}
+        self._resubscribing: set[str] = set()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.connected = False
+        self.reconnects = 0
+
+    # -- BroadcastBackend -------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        # Do not wait for Redis: a replica that starts while Redis is down stays up, not ready.
+        self._task = asyncio.create_task(self._run(), name="chorus-pubsub")
+
+    async def disconnect(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._close_writer()
+
+    async def subscribe(self, channel: str) -> None:
+        self._wanted.add(channel)
+        self._live.setdefault(channel, asyncio.Event())
+        self._write(b"SUBSCRIBE", channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._wanted.discard(channel)
+        self._live.pop(channel, None)
+        self._write(b"UNSUBSCRIBE", channel)
+
+    async def publish(self, channel: str, message: Any) -> None:
+        raise NotImplementedError("Chorus publishes through its command connection (chorus.broker)")
+
+    async def next_published(self) -> Event:
+        return await self._queue.get()
+
+    # -- Chorus additions -------------------------------------------------------------------
+
+    async def wait_live(self, channel: str) -> None:
+        """Return once Redis has confirmed the subscription to `channel`."""
+        event = self._live.get(channel)
+        if event is None:
+            raise RuntimeError(f"channel {channel!r} is not subscribed")
+        await event.wait()
+
+    def is_live(self, channel: str) -> bool:
+        event = self._live.get(channel)
+        return event is not None and event.is_set()
+
+    # -- connection loop --------------------------------------------------------------------
+
+    def _write(self, command: bytes, channel: str) -> None:
+        if self._writer is None or self._writer.is_closing():
+            return  # the reconnect loop subscribes every wanted channel
+        self._outstanding[channel] = self._outstanding.get(channel, 0) + 1
+        event = self._live.get(channel)
+        if event is not None:
+            event.clear()
+        self._writer.write(encode_command(command, channel))
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _set_connected(self, value: bool) -> None:
+        if value != self.connected:
+            self.connected = value
+            if self._on_connection_change is not None:
+                self._on_connection_change(value)
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_INITIAL
+        first = True
+        while not self._stopping:
+            try:
+                reader = await self._open()
+                if not first:
+                    self.reconnects += 1
+                    log.warning("pub/sub connection to Redis restored; re-subscribing %d rooms", len(self._wanted))
+                self._resubscribing = set(self._wanted) if not first else set()
+                first = False
+                self._outstanding.clear()
+                for channel in sorted(self._wanted):
+                    self._write(b"SUBSCRIBE", channel)
+                self._set_connected(True)
+                backoff = BACKOFF_INITIAL
+                await self._read(reader)
+                raise ConnectionError("Redis closed the pub/sub connection")
+            except asyncio.CancelledError:
+                raise
+            except (OSError, ConnectionError, RespError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                self._close_writer()
+                self._set_connected(False)
+                for event in self._live.values():
+                    event.clear()
+                if not first:
+                    log.warning("pub/sub connection to Redis lost: %s; retrying in <= %.1fs", exc, backoff)
+                else:
+                    log.warning("cannot reach Redis for pub/sub: %s; retrying", exc)
+            # Full jitter keeps a fleet of replicas from reconnecting in lockstep.
+            await asyncio.sleep(random.uniform(backoff / 2, backoff))
+            backoff = min(BACKOFF_CAP, backoff * 2)
+
+    async def _open(self) -> asyncio.StreamReader:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self._host, self._port, ssl=self._ssl), CONNECT_TIMEOUT
+        )
+        self._writer = writer
+        if self._password is not None:
+            auth: tuple[bytes | str, ...] = (b"AUTH", self._password)
+            if self._username is not None:
+                auth = (b"AUTH", self._username, self._password)
+            writer.write(encode_command(*auth))
+            parser = RespParser()
+            while True:
+                data = await asyncio.wait_for(reader.read(4096), CONNECT_TIMEOUT)
+                if not data:
+                    raise ConnectionError("Redis closed the connection during AUTH")
+                parser.feed(data)
+                replies = parser.replies()
+                if replies:
+                    if isinstance(replies[0], RespError):
+                        raise ConnectionError(f"Redis refused AUTH: {replies[0]}")
+                    break
+        return reader
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        parser = RespParser()
+        put = self._queue.put_nowait
+        while True:
+            try:
+                data = await asyncio.wait_for(reader.read(262_144), KEEPALIVE_SECONDS)
+            except TimeoutError:
+                if self._writer is None:
+                    raise ConnectionError("pub/sub connection closed") from None
+                # A PING on a subscribed RESP2 connection is answered with ["pong", ""].
+                self._writer.write(encode_command(b"PING"))
+                data = await asyncio.wait_for(reader.read(262_144), KEEPALIVE_SECONDS)
+            if not data:
+                return
+            parser.feed(data)
+            for reply in parser.replies():
+                if isinstance(reply, RespError):
+                    log.error("Redis pub/sub error reply: %s", reply)
+                    continue
+                if not isinstance(reply, list) or len(reply) < 3:
+                    continue
+                kind = reply[0]
+                if kind == b"message":
+                    put(Event(reply[1].decode(errors="replace"), reply[2]))
+                elif kind in (b"subscribe", b"unsubscribe"):
+                    self._confirmed(reply[1].decode(errors="replace"))
+
+    def _confirmed(self, channel: str) -> None:
+        left = self._outstanding.get(channel, 0) - 1
+        if left > 0:
+            self._outstanding[channel] = left
+            return
+        self._outstanding.pop(channel, None)
+        if channel not in self._wanted:
+            return
+        if channel in self._resubscribing:
+            self._resubscribing.discard(channel)
+            self._queue.put_nowait(Event(channel, GAP))
+        event = self._live.get(channel)
+        if event is not None:
+            event.set()

@@ -1,0 +1,232 @@
+"""The broker: broadcaster for pub/sub plus the per-room message stream that gives ids.
+
+`RedisBroker` appends to a Redis Stream and publishes in one Lua script, so pub/sub order is
+stream order and every replica sees the same id. `MemoryBroker` does the same in process for
+a single replica (`CHORUS_REDIS_URL` unset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from broadcaster import Broadcast
+from redis.exceptions import RedisError
+
+from .backend import RedisPubSubBackend
+from .config import Settings
+from .protocol import ZERO_ID, StreamId, encode_published, message_frame
+
+log = logging.getLogger("chorus.broker")
+
+# XADD then PUBLISH in one script: nothing can publish between them, so every replica sees
+# messages in stream order. The frame is spliced as protocol.message_frame does.
+APPEND_AND_PUBLISH: Final = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[2], 's', ARGV[3])
+redis.call('PUBLISH', KEYS[2], ARGV[3] .. ' {"type":"message","id":"' .. id .. '",' .. string.sub(ARGV[2], 2))
+return id
+"""
+
+
+def channel_key(room: str) -> str:
+    return f"chorus:msg:{{{room}}}"
+
+
+def stream_key(room: str) -> str:
+    return f"chorus:stream:{{{room}}}"
+
+
+class BrokerUnavailable(Exception):
+    """Redis could not take the message in time; the sender gets an `unavailable` error frame."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stored message."""
+
+    id: StreamId
+    raw_id: bytes
+    tail: bytes
+    sender: bytes
+
+    @property
+    def frame(self) -> bytes:
+        return message_frame(self.raw_id, self.tail)
+
+
+class Broker(ABC):
+    """What the hub needs from the message layer."""
+
+    def __init__(self, broadcast: Broadcast) -> None:
+        self.broadcast = broadcast
+
+    async def start(self) -> None:
+        await self.broadcast.connect()
+
+    async def stop(self) -> None:
+        await self.broadcast.disconnect()
+
+    @property
+    def reconnects(self) -> int:
+        return 0
+
+    async def wait_live(self, channel: str) -> None:
+        """Return once messages published to `channel` from now on will reach this process."""
+
+    @abstractmethod
+    async def append(self, room: str, tail: bytes, sender: bytes) -> bytes:
+        """Store and publish a message; return its id. Raises BrokerUnavailable."""
+
+    @abstractmethod
+    async def read_after(self, room: str, since: StreamId, limit: int) -> list[Entry] | None:
+        """Messages after `since`, oldest first; None when `since` is no longer held (a gap)."""
+
+    @abstractmethod
+    async def recent(self, room: str, count: int) -> list[Entry]:
+        """The newest `count` messages, oldest first."""
+
+    @abstractmethod
+    async def last_id(self, room: str) -> StreamId:
+        """The id of the room's newest message, ZERO_ID when it has none."""
+
+    @abstractmethod
+    async def publish_raw(self, channel: str, payload: bytes) -> None:
+        """Publish outside any stream (the readiness self-probe)."""
+
+
+class RedisBroker(Broker):
+    def __init__(self, settings: Settings, *, on_connection_change: Any = None) -> None:
+        self._backend = RedisPubSubBackend(settings.redis_url, on_connection_change=on_connection_change)
+        super().__init__(Broadcast(backend=self._backend))
+        self._timeout = settings.broker_timeout_seconds
+        self._maxlen = str(settings.history_size)
+        self._redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            protocol=2,
+            socket_connect_timeout=self._timeout,
+            socket_timeout=self._timeout,
+            health_check_interval=10,
+        )
+        self._append = self._redis.register_script(APPEND_AND_PUBLISH)
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self._redis.aclose()
+
+    @property
+    def reconnects(self) -> int:
+        return self._backend.reconnects
+
+    @property
+    def pubsub_connected(self) -> bool:
+        return self._backend.connected
+
+    async def wait_live(self, channel: str) -> None:
+        await self._backend.wait_live(channel)
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await asyncio.wait_for(coro, self._timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def append(self, room: str, tail: bytes, sender: bytes) -> bytes:
+        keys = [stream_key(room), channel_key(room)]
+        result: bytes = await self._call(self._append(keys=keys, args=[self._maxlen, tail, sender]))
+        return result
+
+    async def read_after(self, room: str, since: StreamId, limit: int) -> list[Entry] | None:
+        key = stream_key(room)
+        if since == ZERO_ID:
+            return _entries(await self._call(self._redis.xrange(key, "-", "+", count=limit)))
+        start = str(since)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xrange(key, start, start, count=1)
+            pipe.xrange(key, "(" + start, "+", count=limit)
+            anchor, after = await self._call(pipe.execute())
+        if not anchor:
+            return None
+        return _entries(after)
+
+    async def recent(self, room: str, count: int) -> list[Entry]:
+        if count <= 0:
+            return []
+        rows = await self._call(self._redis.xrevrange(stream_key(room), "+", "-", count=count))
+        return _entries(rows[::-1])
+
+    async def last_id(self, room: str) -> StreamId:
+        rows = await self._call(self._redis.xrevrange(stream_key(room), "+", "-", count=1))
+        return StreamId.parse(rows[0][0]) if rows else ZERO_ID
+
+    async def publish_raw(self, channel: str, payload: bytes) -> None:
+        await self._call(self._redis.publish(channel, payload))
+
+
+def _entries(rows: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:
+    return [
+        Entry(StreamId.parse(raw_id), raw_id, fields.get(b"d", b"{}"), fields.get(b"s", b""))
+        for raw_id, fields in rows
+    ]
+
+
+class MemoryBroker(Broker):
+    """One process, no Redis: broadcaster's memory backend plus an in-process history."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(Broadcast("memory://"))
+        self._size = settings.history_size
+        self._rooms: dict[str, deque[Entry]] = {}
+        self._last = ZERO_ID
+
+    def _next_id(self) -> StreamId:
+        ms = int(time.time() * 1000)
+        last_ms, last_seq = self._last
+        self._last = StreamId((ms, 0)) if ms > last_ms else StreamId((last_ms, last_seq + 1))
+        return self._last
+
+    async def append(self, room: str, tail: bytes, sender: bytes) -> bytes:
+        msg_id = self._next_id()
+        raw = str(msg_id).encode()
+        entry = Entry(msg_id, raw, tail, sender)
+        self._rooms.setdefault(room, deque(maxlen=self._size)).append(entry)
+        await self.broadcast.publish(channel_key(room), encode_published(sender, entry.frame))
+        return raw
+
+    async def read_after(self, room: str, since: StreamId, limit: int) -> list[Entry] | None:
+        entries = self._rooms.get(room, deque())
+        if since == ZERO_ID:
+            return list(itertools.islice(entries, limit))
+        for index, entry in enumerate(entries):
+            if entry.id == since:
+                return list(itertools.islice(entries, index + 1, index + 1 + limit))
+        return None
+
+    async def recent(self, room: str, count: int) -> list[Entry]:
+        entries = self._rooms.get(room)
+        if not entries or count <= 0:
+            return []
+        return list(entries)[-count:]
+
+    async def last_id(self, room: str) -> StreamId:
+        entries = self._rooms.get(room)
+        return entries[-1].id if entries else ZERO_ID
+
+    async def publish_raw(self, channel: str, payload: bytes) -> None:
+        await self.broadcast.publish(channel, payload)
+
+
+def create_broker(settings: Settings, *, on_connection_change: Any = None) -> Broker:
+    if settings.uses_redis:
+        return RedisBroker(settings, on_connection_change=on_connection_change)
+    log.warning(
+        "CHORUS_REDIS_URL is not set: using the in-process memory broker; "
+        "messages will not reach other replicas, run a single replica only"
+    )
+    return MemoryBroker(settings)

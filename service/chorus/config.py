@@ -1,0 +1,102 @@
+"""Settings: one pydantic-settings class, read from `CHORUS_*` environment variables."""
+
+from __future__ import annotations
+
+import socket
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "CHORUS_"
+REDIS_SCHEMES = ("redis", "rediss")
+
+
+class SettingsError(ValueError):
+    """A setting has a value Chorus cannot run with; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set, with the defaults a laptop run needs."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # -- Redis URL (redis:// or rediss://). Empty: the in-process memory broker, one replica only.
+    redis_url: str = ""
+    # -- Name shown to clients in frames; the chart sets it from the pod name.
+    replica_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
+    history_size: int = Field(1000, ge=1, le=1_000_000)
+    send_queue_size: int = Field(256, ge=1, le=100_000)
+    max_message_bytes: int = Field(4096, ge=1, le=1_048_576)
+    # -- Hard cap on one WebSocket frame; a bigger frame closes the socket with 1009.
+    max_frame_bytes: int = Field(65536, ge=1024, le=16_777_216)
+    # -- gunicorn workers for `chorus serve` (1: uvicorn in process). No `port`/`host` fields:
+    # Kubernetes injects CHORUS_PORT=tcp://... for a Service named chorus.
+    workers: int = Field(1, ge=1, le=64)
+    drain_seconds: float = Field(10.0, ge=0, le=3600)
+    probe_interval_seconds: float = Field(1.0, gt=0, le=60)
+    probe_timeout_seconds: float = Field(1.5, gt=0, le=60)
+    broker_timeout_seconds: float = Field(1.5, gt=0, le=60)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "text"
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value or value == "memory://":
+            return ""
+        scheme = urlsplit(value).scheme
+        if scheme not in REDIS_SCHEMES:
+            raise ValueError(
+                f"scheme {scheme or '(none)'!r} is not supported; use redis:// or rediss://, "
+                "or leave it empty for the in-process broker"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_frame_cap(self) -> Settings:
+        if self.max_frame_bytes < self.max_message_bytes + 1024:
+            raise ValueError(
+                f"{ENV_PREFIX}MAX_FRAME_BYTES ({self.max_frame_bytes}) must exceed "
+                f"{ENV_PREFIX}MAX_MESSAGE_BYTES ({self.max_message_bytes}) by at least 1024 bytes"
+            )
+        return self
+
+    @property
+    def uses_redis(self) -> bool:
+        return bool(self.redis_url)
+
+    @property
+    def redis_url_redacted(self) -> str:
+        """The Redis URL with any password replaced, safe for logs."""
+        return redact_url(self.redis_url) if self.redis_url else "memory://"
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment; raise SettingsError with one line naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if first["loc"]:
+            message = f"{ENV_PREFIX}{str(first['loc'][0]).upper()}: {message}"
+        raise SettingsError(message) from None

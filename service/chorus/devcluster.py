@@ -1,0 +1,347 @@
+"""A local cluster without Kubernetes: redis-server, N replicas and a round-robin HAProxy.
+
+Used by `chorus dev-cluster`, by the tests and by the load test: one harness for all three.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+
+class HarnessError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def find_binary(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
+    if found is None:
+        raise HarnessError(f"{name} not found on PATH; install it (Debian/Ubuntu: apt-get install {name})")
+    return found
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll `check` until it is true; raise HarnessError naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(interval)
+    raise HarnessError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def http_status(url: str, timeout: float = 1.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, ValueError):
+        return None
+
+
+class Process:
+    """A child process with its output in a log file; stopped by PID only."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.alive():
+            self.proc.terminate()
+            if self.wait(timeout) is None:
+                self.proc.kill()
+                self.wait(5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+class RedisServer:
+    """A real redis-server on loopback that can be stopped, killed and restarted on its port."""
+
+    def __init__(self, workdir: Path, *, port: int | None = None, extra_args: Sequence[str] = ()) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.extra_args = list(extra_args)
+        self.process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        argv = [
+            find_binary("redis-server"),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.workdir),
+            "--daemonize", "no",
+            *self.extra_args,
+        ]  # fmt: skip
+        self.process = Process("redis", argv, self.workdir / f"redis-{self.port}.log")
+        self.process.start()
+        wait_until(self.ping, 10, f"redis-server on port {self.port}")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def cli(self, *args: str) -> str:
+        result = subprocess.run(
+            [find_binary("redis-cli"), "-p", str(self.port), *args],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+        return result.stdout.strip()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            wait_until(lambda: not self.ping(), 10, "redis-server to stop")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+HAPROXY_CONFIG = """\
+global
+    maxconn 9000
+    stats socket {stats}
+defaults
+    mode http
+    option redispatch
+    retries 3
+    timeout connect 2s
+    timeout client 1h
+    timeout server 1h
+    timeout tunnel 1h
+    timeout http-request 10s
+frontend chorus
+    bind 127.0.0.1:{port}
+    default_backend replicas
+backend replicas
+    balance roundrobin
+    option httpchk GET /readyz
+    default-server inter 500ms fall 2 rise 1
+{servers}
+"""
+
+
+class LocalCluster:
+    """Redis + N Chorus replicas on loopback + HAProxy round-robin in front, no affinity."""
+
+    def __init__(
+        self,
+        replicas: int = 3,
+        *,
+        port: int | None = None,
+        redis: RedisServer | None = None,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        workdir: Path | None = None,
+    ) -> None:
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="chorus-cluster-"))
+        self.port = port or free_port()
+        self._own_redis = redis is None
+        self.redis = redis or RedisServer(self.workdir)
+        self.workers = workers
+        self.env = env or {}
+        self.replica_ports = [free_port() for _ in range(replicas)]
+        self.replicas: list[Process] = []
+        self.proxy: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def replica_url(self, index: int) -> str:
+        return f"http://127.0.0.1:{self.replica_ports[index]}"
+
+    def replica_name(self, index: int) -> str:
+        return f"replica-{index}"
+
+    def replica_env(self, index: int) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("CHORUS_")}
+        env.update(
+            CHORUS_REDIS_URL=self.redis.url,
+            CHORUS_REPLICA_NAME=self.replica_name(index),
+            CHORUS_DRAIN_SECONDS="2",
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(self.env)
+        return env
+
+    def _replica_process(self, index: int) -> Process:
+        argv = [
+            sys.executable, "-m", "chorus", "serve",
+            "--host", "127.0.0.1", "--port", str(self.replica_ports[index]),
+            "--workers", str(self.workers),
+        ]  # fmt: skip
+        log = self.workdir / f"{self.replica_name(index)}.log"
+        return Process(self.replica_name(index), argv, log, self.replica_env(index))
+
+    def start(self, *, wait_ready: bool = True) -> LocalCluster:
+        if self._own_redis:
+            self.redis.start()
+        self.replicas = [self._replica_process(i) for i in range(len(self.replica_ports))]
+        for replica in self.replicas:
+            replica.start()
+        if wait_ready:
+            for index in range(len(self.replicas)):
+                self.wait_ready(index)
+        self._start_proxy()
+        if wait_ready:
+            self.wait_proxy_sees(len(self.replicas))
+        return self
+
+    def proxy_servers_up(self) -> int:
+        """How many replicas HAProxy's health checks currently count as up."""
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(2)
+                sock.connect(str(self.workdir / "haproxy.sock"))
+                sock.sendall(b"show stat\n")
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+        except OSError:
+            return 0
+        rows = [line.split(",") for line in data.decode().splitlines() if line.startswith("replicas,replica-")]
+        return sum(1 for row in rows if row[17].startswith("UP"))
+
+    def wait_proxy_sees(self, count: int, timeout: float = 20) -> None:
+        wait_until(lambda: self.proxy_servers_up() == count, timeout, f"HAProxy to count {count} replicas up")
+
+    def _start_proxy(self) -> None:
+        servers = "\n".join(
+            f"    server {self.replica_name(i)} 127.0.0.1:{port} check"
+            for i, port in enumerate(self.replica_ports)
+        )
+        config = self.workdir / "haproxy.cfg"
+        stats = self.workdir / "haproxy.sock"
+        config.write_text(HAPROXY_CONFIG.format(port=self.port, servers=servers, stats=stats))
+        self.proxy = Process("haproxy", [find_binary("haproxy"), "-f", str(config)], self.workdir / "haproxy.log")
+        self.proxy.start()
+        proxy = self.proxy
+
+        def listening() -> bool:
+            if not proxy.alive():
+                raise HarnessError(f"haproxy exited:\n{proxy.output()[-2000:]}")
+            return _port_open(self.port)
+
+        wait_until(listening, 10, f"haproxy on port {self.port}")
+
+    def wait_ready(self, index: int, timeout: float = 30) -> None:
+        replica = self.replicas[index]
+
+        def ready() -> bool:
+            if not replica.alive():
+                raise HarnessError(f"{replica.name} exited:\n{replica.output()[-3000:]}")
+            return http_status(self.replica_url(index) + "/readyz") == 200
+
+        wait_until(ready, timeout, f"{replica.name} to be ready")
+
+    def restart_replica(self, index: int) -> None:
+        self.replicas[index].stop()
+        self.replicas[index] = self._replica_process(index)
+        self.replicas[index].start()
+        self.wait_ready(index)
+        if self.proxy is not None:
+            self.wait_proxy_sees(sum(1 for replica in self.replicas if replica.alive()))
+
+    def stop(self) -> None:
+        for process in [self.proxy, *self.replicas]:
+            if process is not None:
+                process.stop()
+        if self._own_redis:
+            self.redis.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,52 @@
+"""Logging to stdout as text or one JSON object per line (`CHORUS_LOG_FORMAT`)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import orjson
+
+from .config import Settings
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        body = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            body["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(body).decode()
+
+
+class _DenialNoiseFilter(logging.Filter):
+    """Drop uvicorn's false alarm after a WebSocket denial response.
+
+    websockets-sansio never marks the handshake complete after `websocket.http.response`, so
+    every refused handshake (HTTP 400/403/503) also logs "ASGI callable returned without
+    completing handshake." at ERROR (uvicorn PR #3138, open). Chorus always accepts or denies,
+    so the message carries no information here and would page operators for nothing.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing handshake."
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = settings.log_level.upper()
+    for name in ("chorus", "uvicorn", "gunicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
+    logging.getLogger("uvicorn.error").addFilter(_DenialNoiseFilter())

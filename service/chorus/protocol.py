@@ -1,0 +1,185 @@
+"""The wire protocol: frame shapes, close codes and error codes, listed once.
+
+Message frames are built once per replica as bytes and shared by every member of a room,
+so the hot path never parses or serialises JSON per subscriber.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+ROOM_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+USERNAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+CLIENT_ID_MAX: Final = 64
+
+DEFAULT_HISTORY: Final = 20
+MAX_HISTORY: Final = 100
+API_HISTORY_DEFAULT: Final = 50
+API_HISTORY_MAX: Final = 200
+
+# Close codes (RFC 6455 numbers, Chorus meanings).
+CLOSE_NORMAL: Final = 1000
+CLOSE_UNSUPPORTED_DATA: Final = 1003  # binary frames
+CLOSE_INVALID_PAYLOAD: Final = 1007  # text frame that is not UTF-8
+CLOSE_POLICY: Final = 1008
+CLOSE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL_ERROR: Final = 1011  # the broker could not be reached for this room
+CLOSE_SERVICE_RESTART: Final = 1012  # the replica drains; reconnect (with since=) elsewhere
+CLOSE_TRY_AGAIN_LATER: Final = 1013  # slow consumer: the send queue overflowed
+
+# Error frame codes.
+ERROR_INVALID: Final = "invalid"
+ERROR_TOO_LARGE: Final = "too_large"
+ERROR_UNAVAILABLE: Final = "unavailable"
+
+_MESSAGE_PREFIX: Final = b'{"type":"message","id":"'
+
+
+class StreamId(tuple[int, int]):
+    """A Redis Stream id (`ms-seq`), ordered like Redis orders them."""
+
+    __slots__ = ()
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> StreamId:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        ms, sep, seq = text.partition("-")
+        if not ms.isdigit() or (sep and not seq.isdigit()):
+            raise ValueError(f"not a stream id: {text!r}")
+        return cls((int(ms), int(seq) if sep else 0))
+
+    def __str__(self) -> str:
+        return f"{self[0]}-{self[1]}"
+
+
+ZERO_ID: Final = StreamId((0, 0))
+
+
+def parse_since(raw: str | None) -> StreamId | None:
+    """A client's `since` cursor, or None when it is not a well-formed stream id."""
+    if raw is None:
+        return None
+    try:
+        return StreamId.parse(raw)
+    except ValueError:
+        return None
+
+
+def message_tail(*, room: str, user: str, text: str, ts: float, replica: str) -> bytes:
+    """The part of a message frame known before Redis assigns the id: `{"ts":...,...}`."""
+    return orjson.dumps({"ts": ts, "room": room, "user": user, "text": text, "replica": replica})
+
+
+def message_frame(msg_id: bytes, tail: bytes) -> bytes:
+    """A full message frame: the id spliced in front of the tail (the Lua script does the same)."""
+    return _MESSAGE_PREFIX + msg_id + b'",' + tail[1:]
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """A message as it arrives from the broker: who sent it, its id, its timestamp, the frame."""
+
+    sender: bytes
+    id: StreamId
+    ts: float
+    frame: str
+
+
+def encode_published(sender: bytes, frame: bytes) -> bytes:
+    return sender + b" " + frame
+
+
+def decode_published(payload: bytes) -> Published:
+    """Split a pub/sub payload `<sender> <frame>`; ValueError when it is not one of ours."""
+    space = payload.find(b" ")
+    if space < 0 or not payload.startswith(_MESSAGE_PREFIX, space + 1):
+        raise ValueError("payload is not a Chorus message")
+    id_start = space + 1 + len(_MESSAGE_PREFIX)
+    id_end = payload.index(b'"', id_start)
+    if not payload.startswith(b',"ts":', id_end + 1):
+        raise ValueError("payload has no timestamp")
+    ts_start = id_end + 7
+    ts_end = payload.index(b",", ts_start)
+    return Published(
+        sender=payload[:space],
+        id=StreamId.parse(payload[id_start:id_end]),
+        ts=float(payload[ts_start:ts_end]),
+        frame=payload[space + 1 :].decode(),
+    )
+
+
+def welcome_frame(room: str, user: str, replica: str) -> str:
+    return orjson.dumps({"type": "welcome", "room": room, "user": user, "replica": replica}).decode()
+
+
+def resync_frame(room: str) -> str:
+    return orjson.dumps({"type": "resync", "room": room}).decode()
+
+
+def ack_frame(msg_id: str, client_id: str | None) -> str:
+    body: dict[str, Any] = {"type": "ack", "id": msg_id}
+    if client_id is not None:
+        body["client_id"] = client_id
+    return orjson.dumps(body).decode()
+
+
+def error_frame(code: str, detail: str, client_id: str | None = None) -> str:
+    body: dict[str, Any] = {"type": "error", "code": code, "detail": detail}
+    if client_id is not None:
+        body["client_id"] = client_id
+    return orjson.dumps(body).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class ClientMessage:
+    text: str
+    client_id: str | None = None
+
+
+class ProtocolError(Exception):
+    """A frame the server answers with an error frame; the connection stays open."""
+
+    def __init__(self, code: str, detail: str, client_id: str | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.client_id = client_id
+
+
+def parse_client_frame(raw: str, *, max_message_bytes: int) -> ClientMessage:
+    """Turn a client's text frame into a message, or raise ProtocolError.
+
+    A frame that is not a JSON object is taken, as it is, as the text of a message.
+    """
+    body: object = None
+    if raw[:1] == "{":
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+    if not isinstance(body, dict):
+        return ClientMessage(_checked_text(raw, max_message_bytes, None))
+    client_id = body.get("client_id")
+    if client_id is not None and (not isinstance(client_id, str) or len(client_id) > CLIENT_ID_MAX):
+        raise ProtocolError(ERROR_INVALID, f"client_id must be a string of at most {CLIENT_ID_MAX} chars")
+    kind = body.get("type")
+    if kind != "message":
+        detail = "missing field 'type'" if kind is None else f"unknown type {str(kind)[:32]!r}"
+        raise ProtocolError(ERROR_INVALID, detail, client_id)
+    text = body.get("text")
+    if not isinstance(text, str):
+        raise ProtocolError(ERROR_INVALID, "field 'text' must be a string", client_id)
+    return ClientMessage(_checked_text(text, max_message_bytes, client_id), client_id)
+
+
+def _checked_text(text: str, max_bytes: int, client_id: str | None) -> str:
+    if not text.strip():
+        raise ProtocolError(ERROR_INVALID, "message text is empty", client_id)
+    # Cheap bound first: a str of n code points is at least n UTF-8 bytes.
+    if len(text) > max_bytes or len(text.encode()) > max_bytes:
+        raise ProtocolError(ERROR_TOO_LARGE, f"message text is over {max_bytes} bytes", client_id)
+    return text

@@ -1,0 +1,100 @@
+"""Process management: uvicorn that drains on SIGTERM, and the same as a gunicorn worker.
+
+Uvicorn's own shutdown stops listening at once, closes every socket together and exits 143.
+Chorus owns its shutdown instead: on SIGTERM it keeps serving HTTP (`/readyz` says draining),
+refuses new WebSockets, closes open ones with 1012 spread over `CHORUS_DRAIN_SECONDS`, then
+stops uvicorn and exits 0. A second SIGTERM or a SIGINT stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from uvicorn_worker import UvicornWorker
+
+from .config import Settings
+
+log = logging.getLogger("chorus.server")
+
+# uvicorn settings Chorus relies on: uvloop + httptools, websockets' sans-I/O protocol (its
+# send() waits while the socket's buffer is full, which is what makes slow readers visible),
+# and no permessage-deflate (memory and compression side channels).
+UVICORN_OPTIONS: dict[str, Any] = {
+    "loop": "uvloop",
+    "http": "httptools",
+    "ws": "websockets-sansio",
+    "ws_per_message_deflate": False,
+    "lifespan": "on",
+    "proxy_headers": True,
+    "server_header": False,
+}
+
+
+class ChorusServer(uvicorn.Server):
+    """uvicorn.Server whose SIGTERM drains the app before it stops."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig != signal.SIGTERM or self._drain_task is not None or not self.started:
+            super().handle_exit(sig, frame)
+            return
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(self._begin_drain)
+
+    def _begin_drain(self) -> None:
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            runtime = self.lifespan.state.get("chorus") if hasattr(self, "lifespan") else None
+            if runtime is not None:
+                await runtime.drain()
+        except Exception:
+            log.exception("drain failed; stopping now")
+        self.should_exit = True
+
+
+def serve_uvicorn(settings: Settings, *, host: str, port: int) -> None:
+    """Run one process: uvicorn with the Chorus app, draining on SIGTERM."""
+    from .app import create_app
+
+    config = uvicorn.Config(
+        create_app(settings),
+        host=host,
+        port=port,
+        ws_max_size=settings.max_frame_bytes,
+        log_config=None,
+        timeout_graceful_shutdown=5,
+        **UVICORN_OPTIONS,
+    )
+    ChorusServer(config).run()
+
+
+class ChorusWorker(UvicornWorker):
+    """gunicorn worker running ChorusServer, so every worker drains on SIGTERM."""
+
+    CONFIG_KWARGS = {key: value for key, value in UVICORN_OPTIONS.items() if key != "proxy_headers"}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from .config import load_settings
+
+        self.config.ws_max_size = load_settings().max_frame_bytes
+        self.config.timeout_graceful_shutdown = 5
+
+    async def _serve(self) -> None:
+        self.config.app = self.wsgi
+        server = ChorusServer(config=self.config)
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(3)  # gunicorn's WORKER_BOOT_ERROR

@@ -1,0 +1,84 @@
+"""A small test client for the Chorus protocol, with bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+
+class Chat:
+    """One WebSocket member of a room; frames are collected in order as they arrive."""
+
+    def __init__(self, ws: ClientConnection, welcome: dict[str, Any]) -> None:
+        self.ws = ws
+        self.welcome = welcome
+        self.frames: list[dict[str, Any]] = []
+
+    @property
+    def replica(self) -> str:
+        return str(self.welcome["replica"])
+
+    @classmethod
+    async def join(cls, base: str, room: str, timeout: float = 10, **params: object) -> Chat:
+        query = "&".join(f"{key}={value}" for key, value in params.items())
+        ws = await connect(f"{base}/ws/{room}?{query}", open_timeout=timeout, max_size=2**22)
+        welcome = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        assert welcome["type"] == "welcome", welcome
+        return cls(ws, welcome)
+
+    async def send(self, text: str, client_id: str | None = None) -> None:
+        body: dict[str, Any] = {"type": "message", "text": text}
+        if client_id is not None:
+            body["client_id"] = client_id
+        await self.ws.send(json.dumps(body))
+
+    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10) -> dict[str, Any]:
+        """Read frames until one matches; earlier frames stay recorded in `frames`."""
+        for frame in self.frames:
+            if predicate(frame) and not frame.get("_seen"):
+                frame["_seen"] = True
+                return frame
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no matching frame in {timeout}s; got {self.frames[-5:]}")
+            frame = json.loads(await asyncio.wait_for(self.ws.recv(), remaining))
+            self.frames.append(frame)
+            if predicate(frame):
+                frame["_seen"] = True
+                return frame
+
+    async def collect(self, count: int, kind: str = "message", timeout: float = 10) -> list[dict[str, Any]]:
+        """Wait until `count` frames of `kind` have arrived in total; return them in order."""
+        deadline = time.monotonic() + timeout
+        while len(self.of(kind)) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{len(self.of(kind))}/{count} {kind} frames after {timeout}s")
+            self.frames.append(json.loads(await asyncio.wait_for(self.ws.recv(), remaining)))
+        return self.of(kind)
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [frame for frame in self.frames if frame.get("type") == kind]
+
+    async def drain_for(self, seconds: float) -> None:
+        """Read whatever arrives for `seconds` (to prove nothing more comes)."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                self.frames.append(json.loads(await asyncio.wait_for(self.ws.recv(), remaining)))
+            except TimeoutError:
+                return
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def texts(frames: list[dict[str, Any]]) -> list[str]:
+    return [str(frame["text"]) for frame in frames]

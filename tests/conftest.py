@@ -1,0 +1,62 @@
+"""Fixtures: a real redis-server per session, local clusters behind a real HAProxy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from chorus.devcluster import LocalCluster, RedisServer
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session; fault tests may stop and restart it."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer) -> RedisServer:
+    """The session's Redis, running and empty."""
+    if not redis_server.ping():
+        redis_server.start()
+    redis_server.cli("FLUSHALL")
+    return redis_server
+
+
+@pytest.fixture
+def make_cluster(
+    redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., LocalCluster]]:
+    """Start local clusters (replicas + HAProxy) on the session Redis; all stopped afterwards."""
+    started: list[LocalCluster] = []
+
+    def make(replicas: int = 3, **kwargs: object) -> LocalCluster:
+        cluster = LocalCluster(
+            replicas, redis=redis, workdir=tmp_path_factory.mktemp("cluster"), **kwargs  # type: ignore[arg-type]
+        )
+        started.append(cluster)
+        return cluster.start()
+
+    yield make
+    for cluster in started:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster(make_cluster: Callable[..., LocalCluster]) -> LocalCluster:
+    """Three replicas behind a round-robin proxy."""
+    return make_cluster(3)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    Path("artifacts").mkdir(exist_ok=True)
