@@ -1,0 +1,68 @@
+# Chorus: run it, test it, try it on a local cluster. `make help` lists the targets.
+
+PYTHON ?= python3
+VENV ?= .venv
+HOST ?= 127.0.0.1
+PORT ?= 8000
+REPLICAS ?= 3
+PYTEST_ARGS ?=
+# OS packages the test suite starts for real (Debian/Ubuntu names).
+APT_PACKAGES ?= redis-server haproxy
+
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.DEFAULT_GOAL := help
+
+##@ General
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make \033[36m<target>\033[0m\n"} /^[a-zA-Z_0-9-]+:.*?##/ { printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2 } /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+##@ Development
+
+.PHONY: run
+run: $(BIN)/chorus ## Serve one replica on the in-memory broker at http://127.0.0.1:8000
+	$(BIN)/chorus serve --host $(HOST) --port $(PORT)
+
+.PHONY: cluster
+cluster: system-deps $(BIN)/chorus ## Redis + REPLICAS replicas behind a round-robin HAProxy on PORT
+	$(BIN)/chorus dev-cluster --replicas $(REPLICAS) --port $(PORT)
+
+.PHONY: test
+test: system-deps test-deps ## Install what the tests need (redis-server, haproxy, ...) and run the whole suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: test-deps ## ruff and mypy --strict on the service
+	$(BIN)/ruff check service tests
+	$(BIN)/ruff format --check service
+	$(BIN)/mypy
+
+##@ Set-up (the targets above call these)
+
+.PHONY: system-deps
+system-deps: ## Install the OS packages the tests run for real (apt)
+	@missing=""; for pkg in $(APT_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+.PHONY: test-deps
+test-deps: $(VENV)/.test-deps
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV) || { \
+		echo "python3 -m venv failed; installing python3-venv"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip
+
+$(BIN)/chorus: $(VENV)/bin/python pyproject.toml
+	$(BIN)/pip install -q -e .
+	@touch $@
+
+$(VENV)/.test-deps: $(VENV)/bin/python pyproject.toml
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
