@@ -7,7 +7,7 @@ PORT ?= 8000
 REPLICAS ?= 3
 PYTEST_ARGS ?=
 # OS packages the test suite starts for real (Debian/Ubuntu names).
-APT_PACKAGES ?= redis-server haproxy
+APT_PACKAGES ?= redis-server haproxy prometheus
 
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
