@@ -7,7 +7,7 @@ PORT ?= 8000
 REPLICAS ?= 3
 PYTEST_ARGS ?=
 # OS packages the test suite starts for real (Debian/Ubuntu names).
-APT_PACKAGES ?= redis-server haproxy prometheus
+APT_PACKAGES ?= redis-server haproxy prometheus chromium
 
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

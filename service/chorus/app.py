@@ -11,10 +11,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypedDict
 
 from fastapi import FastAPI, Query, Request, WebSocket
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.websockets import WebSocketState
 
 from . import __version__, metrics
@@ -23,6 +25,7 @@ from .config import Settings, load_settings
 from .health import Health
 from .hub import Connection, Hub
 from .logs import configure_logging
+from .presence import Member, Presence, create_presence
 from .protocol import (
     API_HISTORY_DEFAULT,
     API_HISTORY_MAX,
@@ -45,6 +48,8 @@ from .protocol import (
 
 log = logging.getLogger("chorus.app")
 
+STATIC_DIR = Path(__file__).parent / "static"
+
 
 @dataclass
 class Runtime:
@@ -54,6 +59,7 @@ class Runtime:
     broker: Broker
     hub: Hub
     health: Health
+    presence: Presence
     tag_prefix: bytes = field(default_factory=lambda: secrets.token_hex(4).encode())
     _tags: itertools.count[int] = field(default_factory=itertools.count)
     _drained: asyncio.Event = field(default_factory=asyncio.Event)
@@ -111,8 +117,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             timeout=settings.probe_timeout_seconds,
         )
         hub = Hub(broker, join_timeout=5.0, replay_limit=settings.history_size)
-        runtime = Runtime(settings, broker, hub, health)
+        # Presence entries are named by connection tag, so they share the tags' prefix.
+        tag_prefix = secrets.token_hex(4).encode()
+        presence = create_presence(settings, broker, owner=tag_prefix.decode())
+        runtime = Runtime(settings, broker, hub, health, presence, tag_prefix=tag_prefix)
         await broker.start()
+        await presence.start()
         probe = asyncio.create_task(health.run(), name="chorus-probe")
         gauges = asyncio.create_task(_sample_gauges(runtime), name="chorus-gauges")
         log.info(
@@ -128,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
             # Each step is bounded: a stuck client library must not turn a clean stop into a kill.
             await _bounded("probe and gauges", asyncio.gather(probe, gauges, return_exceptions=True))
+            await _bounded("presence", presence.stop())
             await _bounded("rooms", hub.close())
             await _bounded("broker", broker.stop())
 
@@ -166,6 +177,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"detail": "the broker is unavailable"}, status_code=503)
         body = b'{"room":"%s","messages":[%s]}' % (room.encode(), b",".join(e.frame for e in entries))
         return Response(body, media_type="application/json")
+
+    @app.get("/api/rooms/{room}/presence")
+    async def presence_endpoint(request: Request, room: str) -> JSONResponse:
+        if not ROOM_RE.match(room):
+            return _bad_room()
+        try:
+            users = await runtime_of(request).presence.users(room)
+        except BrokerUnavailable:
+            return JSONResponse({"detail": "the broker is unavailable"}, status_code=503)
+        return JSONResponse({"room": room, "online": len(users), "users": users})
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.websocket("/ws/{room}")
     async def websocket_room(websocket: WebSocket, room: str) -> None:
@@ -222,10 +249,12 @@ async def _serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> No
     conn.start()
     close_code: Any = "none"
     hub = runtime.hub
+    member = Member(room, user, conn.tag.decode())
     try:
         try:
             await hub.join(conn)
-            conn.offer(welcome_frame(room, user, settings.replica_name), force=True)
+            online = await runtime.presence.join(member)
+            conn.offer(welcome_frame(room, user, settings.replica_name, online), force=True)
             await hub.replay(conn, since=since, resume=resume, history=history)
         except BrokerUnavailable as exc:
             log.warning("cannot join %s: %s", room, exc)
@@ -242,6 +271,7 @@ async def _serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> No
             await _handle_text(runtime, conn, text)
     finally:
         hub.leave(conn)
+        await runtime.presence.leave(member)
         if conn.closing and conn.closed_with is not None:
             close_code = conn.closed_with
         await conn.wait_closed()

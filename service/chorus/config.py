@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     probe_interval_seconds: float = Field(1.0, gt=0, le=60)
     probe_timeout_seconds: float = Field(1.5, gt=0, le=60)
     broker_timeout_seconds: float = Field(1.5, gt=0, le=60)
+    # -- Presence heartbeat; a replica that dies is gone from presence after 3 missed beats.
+    presence_heartbeat_seconds: float = Field(3.0, gt=0, le=60)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "text"
 

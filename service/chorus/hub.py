@@ -26,6 +26,7 @@ from .protocol import (
     CLOSE_TRY_AGAIN_LATER,
     ZERO_ID,
     StreamId,
+    decode_event,
     decode_published,
     resync_frame,
 )
@@ -123,12 +124,22 @@ class Connection:
             self.floor = None
         return self.offer(frame)
 
+    def deliver_event(self, frame: str) -> bool:
+        """Queue a frame outside the message stream (presence), after the replay like live ones."""
+        if self.pending is not None:
+            return self.deliver(ZERO_ID, frame)
+        return self.offer(frame)
+
     def go_live(self, floor: StreamId | None) -> None:
         """End the replay: flush what arrived meanwhile, skipping what the replay sent."""
         pending, self.pending = self.pending or [], None
         self.floor = floor
         for msg_id, frame in pending:
-            self.deliver(msg_id, frame)
+            # ZERO_ID is no message's id: it marks an event held back during the replay.
+            if msg_id == ZERO_ID:
+                self.offer(frame)
+            else:
+                self.deliver(msg_id, frame)
 
     def close_after_flush(self, code: int, reason: str) -> None:
         """Send what is queued, then close (used by the drain)."""
@@ -320,6 +331,8 @@ class Hub:
         try:
             msg = decode_published(payload)
         except (ValueError, UnicodeDecodeError, TypeError):
+            if self._fanout_event(room, payload):
+                return
             metrics.MESSAGES_DROPPED.labels(metrics.DROP_UNDECODABLE).inc()
             log.warning("dropped an undecodable payload on %s (%d bytes)", room.channel, len(payload or b""))
             return
@@ -335,6 +348,20 @@ class Hub:
                 delivered += 1
         metrics.MESSAGES_DELIVERED.inc(delivered)
         metrics.FANOUT_LATENCY.observe(max(0.0, time.time() - msg.ts))
+
+    def _fanout_event(self, room: Room, payload: bytes) -> bool:
+        """Deliver a presence payload to every member but its sender; False when it is not one."""
+        try:
+            event = decode_event(payload)
+        except (UnicodeDecodeError, TypeError, AttributeError):
+            return False
+        if event is None:
+            return False
+        sender = self._by_tag.get(event[0])
+        for conn in room.members:
+            if conn is not sender:
+                conn.deliver_event(event[1])
+        return True
 
     async def _backfill(self, room: Room) -> None:
         entries = await self._retry_entries(room)

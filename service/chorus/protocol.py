@@ -37,6 +37,7 @@ ERROR_TOO_LARGE: Final = "too_large"
 ERROR_UNAVAILABLE: Final = "unavailable"
 
 _MESSAGE_PREFIX: Final = b'{"type":"message","id":"'
+_PRESENCE_PREFIX: Final = b'{"type":"presence",'
 
 
 class StreamId(tuple[int, int]):
@@ -112,8 +113,24 @@ def decode_published(payload: bytes) -> Published:
     )
 
 
-def welcome_frame(room: str, user: str, replica: str) -> str:
-    return orjson.dumps({"type": "welcome", "room": room, "user": user, "replica": replica}).decode()
+def welcome_frame(room: str, user: str, replica: str, online: int) -> str:
+    return orjson.dumps(
+        {"type": "welcome", "room": room, "user": user, "replica": replica, "online": online}
+    ).decode()
+
+
+def presence_frame(room: str, event: str, user: str, online: int) -> str:
+    """A join or leave announcement (presence.py's Lua builds the same bytes)."""
+    body = {"type": "presence", "room": room, "event": event, "user": user, "online": online}
+    return orjson.dumps(body).decode()
+
+
+def decode_event(payload: bytes) -> tuple[bytes, str] | None:
+    """Split a pub/sub payload `<sender> <presence frame>`; None when it is not one."""
+    space = payload.find(b" ")
+    if space < 0 or not payload.startswith(_PRESENCE_PREFIX, space + 1):
+        return None
+    return payload[:space], payload[space + 1 :].decode()
 
 
 def resync_frame(room: str) -> str:

@@ -1,0 +1,288 @@
+"""Presence: who is online in a room, counted across every replica.
+
+Each connection is one entry; a user is online while at least one of their connections is,
+so several tabs count once and only the first join and the last leave are announced.
+Announcements are published on the room's message channel, so they reach every replica in
+the order they happened and travel with the messages.
+
+`RedisPresence` keeps the entries in Redis and a per-process heartbeat key with a TTL of
+three heartbeat intervals. A process that dies without saying goodbye stops refreshing it;
+every surviving process checks the others' heartbeats each interval and removes a dead
+one's entries, announcing the leaves (the removal is idempotent, so a leave is announced
+once however many survivors race). `MemoryPresence` does the same in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .broker import Broker, BrokerUnavailable, channel_key
+from .config import Settings
+from .protocol import encode_published, presence_frame
+
+log = logging.getLogger("chorus.presence")
+
+HEARTBEATS_TO_EXPIRE: Final = 3
+REPLICAS_KEY: Final = "chorus:presence:replicas"
+
+# The frames are spliced by hand: room and user names are restricted to [A-Za-z0-9_.-], so
+# they need no escaping, and the shape matches protocol.presence_frame byte for byte.
+_ANNOUNCE: Final = """
+local function announce(event, user)
+  local online = redis.call('HLEN', KEYS[2])
+  redis.call('PUBLISH', KEYS[3], ARGV[3] .. ' {"type":"presence","room":"' .. ARGV[4]
+    .. '","event":"' .. event .. '","user":"' .. user .. '","online":' .. online .. '}')
+end
+local function drop(user)
+  if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
+    redis.call('HDEL', KEYS[2], user)
+    announce('leave', user)
+  end
+end
+"""
+# KEYS: connections hash (entry -> user), users hash (user -> connections), room channel.
+# ARGV: entry, user, sender, room. Each returns the number of users online afterwards.
+JOIN: Final = (
+    _ANNOUNCE
+    + """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  if redis.call('HINCRBY', KEYS[2], ARGV[2], 1) == 1 then announce('join', ARGV[2]) end
+end
+return redis.call('HLEN', KEYS[2])
+"""
+)
+LEAVE: Final = (
+    _ANNOUNCE
+    + """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then drop(ARGV[2]) end
+return redis.call('HLEN', KEYS[2])
+"""
+)
+# ARGV[1] here is an entry prefix: every entry of one (dead) process goes.
+REAP: Final = (
+    _ANNOUNCE
+    + """
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if string.sub(all[i], 1, #ARGV[1]) == ARGV[1] then
+    redis.call('HDEL', KEYS[1], all[i])
+    drop(all[i + 1])
+  end
+end
+return redis.call('HLEN', KEYS[2])
+"""
+)
+
+
+def entries_key(room: str) -> str:
+    return f"chorus:presence:{{{room}}}"
+
+
+def users_key(room: str) -> str:
+    return f"chorus:online:{{{room}}}"
+
+
+def heartbeat_key(owner: str) -> str:
+    return f"chorus:heartbeat:{{{owner}}}"
+
+
+def rooms_key(owner: str) -> str:
+    return f"chorus:presence-rooms:{{{owner}}}"
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One connection as presence sees it; `entry` is unique across every replica."""
+
+    room: str
+    user: str
+    entry: str
+
+
+class Presence(ABC):
+    """Who is online per room; join/leave announcements go out on the room's channel."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start background work (heartbeats)."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Say goodbye: announce this process's members as gone."""
+
+    @abstractmethod
+    async def join(self, member: Member) -> int:
+        """Add a connection; return how many users are online. Raises BrokerUnavailable."""
+
+    @abstractmethod
+    async def leave(self, member: Member) -> None:
+        """Remove a connection; never raises (a failed removal is retried in the background)."""
+
+    @abstractmethod
+    async def users(self, room: str) -> list[str]:
+        """The users online in `room`, sorted. Raises BrokerUnavailable."""
+
+
+class MemoryPresence(Presence):
+    """One process: the same counting and announcements, kept in dicts."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._entries: dict[str, set[str]] = {}
+        self._users: dict[str, Counter[str]] = {}
+
+    async def start(self) -> None:
+        pass  # nothing to refresh: this process is the only one
+
+    async def stop(self) -> None:
+        pass  # the members' sockets are gone with the process; no one is left to tell
+
+    async def join(self, member: Member) -> int:
+        entries = self._entries.setdefault(member.room, set())
+        users = self._users.setdefault(member.room, Counter())
+        if member.entry not in entries:
+            entries.add(member.entry)
+            users[member.user] += 1
+            if users[member.user] == 1:
+                await self._announce(member, "join", len(users))
+        return len(users)
+
+    async def leave(self, member: Member) -> None:
+        entries = self._entries.get(member.room, set())
+        if member.entry not in entries:
+            return
+        entries.discard(member.entry)
+        users = self._users[member.room]
+        users[member.user] -= 1
+        if users[member.user] <= 0:
+            del users[member.user]
+            await self._announce(member, "leave", len(users))
+        if not entries:
+            del self._entries[member.room], self._users[member.room]
+
+    async def users(self, room: str) -> list[str]:
+        return sorted(self._users.get(room, ()))
+
+    async def _announce(self, member: Member, event: str, online: int) -> None:
+        frame = presence_frame(member.room, event, member.user, online).encode()
+        sender = member.entry.encode() if event == "join" else b"-"
+        await self._broker.publish_raw(channel_key(member.room), encode_published(sender, frame))
+
+
+class RedisPresence(Presence):
+    """Entries in Redis, a heartbeat per process, and reaping of processes that died."""
+
+    def __init__(self, settings: Settings, *, owner: str) -> None:
+        # `owner` prefixes every entry of this process (the connection tags' prefix).
+        self.owner = owner
+        self.interval = settings.presence_heartbeat_seconds
+        self._ttl_ms = int(self.interval * HEARTBEATS_TO_EXPIRE * 1000)
+        self._timeout = settings.broker_timeout_seconds
+        self._redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            protocol=2,
+            socket_connect_timeout=self._timeout,
+            socket_timeout=self._timeout,
+        )
+        self._join = self._redis.register_script(JOIN)
+        self._leave = self._redis.register_script(LEAVE)
+        self._reap = self._redis.register_script(REAP)
+        self._local: dict[str, Member] = {}
+        self._unremoved: dict[str, Member] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="chorus-presence")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await self._reap_owner(self.owner)
+            await self._call(self._redis.delete(heartbeat_key(self.owner)))
+            await self._call(self._redis.srem(REPLICAS_KEY, self.owner))
+        except BrokerUnavailable as exc:
+            log.warning("presence goodbye failed (%s); other replicas will expire our entries", exc)
+        await self._redis.aclose()
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await asyncio.wait_for(coro, self._timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def _run_script(self, script: Any, member: Member, sender: str) -> Any:
+        keys = [entries_key(member.room), users_key(member.room), channel_key(member.room)]
+        return await self._call(script(keys=keys, args=[member.entry, member.user, sender, member.room]))
+
+    async def join(self, member: Member) -> int:
+        self._local[member.entry] = member
+        await self._call(self._redis.sadd(rooms_key(self.owner), member.room))
+        online: int = await self._run_script(self._join, member, member.entry)
+        return online
+
+    async def leave(self, member: Member) -> None:
+        self._local.pop(member.entry, None)
+        try:
+            await self._run_script(self._leave, member, "-")
+        except BrokerUnavailable as exc:
+            log.warning("presence: removing %s from %s failed (%s); retrying", member.user, member.room, exc)
+            self._unremoved[member.entry] = member
+
+    async def users(self, room: str) -> list[str]:
+        names: list[bytes] = await self._call(self._redis.hkeys(users_key(room)))
+        return sorted(name.decode() for name in names)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._beat()
+                await self._reap_dead()
+            except BrokerUnavailable as exc:
+                log.warning("presence heartbeat failed: %s", exc)
+            await asyncio.sleep(self.interval)
+
+    async def _beat(self) -> None:
+        beat = self._redis.set(heartbeat_key(self.owner), b"1", px=self._ttl_ms, get=True)
+        previous = await self._call(beat)
+        await self._call(self._redis.sadd(REPLICAS_KEY, self.owner))
+        if previous is None and self._local:
+            # Our heartbeat lapsed (Redis restarted or we stalled) and others may have reaped
+            # us: put our members back. Joins are idempotent, so nothing is announced twice.
+            log.warning("presence heartbeat had lapsed; re-registering %d connections", len(self._local))
+            for member in list(self._local.values()):
+                await self.join(member)
+        for entry, member in list(self._unremoved.items()):
+            await self._run_script(self._leave, member, "-")
+            del self._unremoved[entry]
+
+    async def _reap_dead(self) -> None:
+        owners = {o.decode() for o in await self._call(self._redis.smembers(REPLICAS_KEY))}
+        for owner in owners - {self.owner}:
+            if await self._call(self._redis.exists(heartbeat_key(owner))):
+                continue
+            log.info("presence: replica process %s stopped heartbeating; removing its members", owner)
+            await self._reap_owner(owner)
+            await self._call(self._redis.srem(REPLICAS_KEY, owner))
+
+    async def _reap_owner(self, owner: str) -> None:
+        rooms = [r.decode() for r in await self._call(self._redis.smembers(rooms_key(owner)))]
+        for room in rooms:
+            keys = [entries_key(room), users_key(room), channel_key(room)]
+            await self._call(self._reap(keys=keys, args=[f"{owner}.", "-", "-", room]))
+        await self._call(self._redis.delete(rooms_key(owner)))
+
+
+def create_presence(settings: Settings, broker: Broker, *, owner: str) -> Presence:
+    if settings.uses_redis:
+        return RedisPresence(settings, owner=owner)
+    return MemoryPresence(broker)

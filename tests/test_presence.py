@@ -1,0 +1,138 @@
+"""Presence across replicas: counts, multi-tab users counted once, dead replicas expire."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from chat import Chat
+from chorus.devcluster import LocalCluster, Process, free_port, http_status, wait_until
+
+pytestmark = pytest.mark.anyio
+
+HEARTBEAT = 1.0
+# 3 missed heartbeats expire a replica; a survivor notices within one more interval.
+EXPIRY = 4 * HEARTBEAT
+
+
+def presence_events(chat: Chat) -> list[tuple[str, str, int]]:
+    return [(f["event"], f["user"], f["online"]) for f in chat.of("presence")]
+
+
+async def settle(sender: Chat, *watchers: Chat, text: str) -> None:
+    """Send a message and wait until every watcher has it.
+
+    Presence events travel on the room's channel, in order with messages, so once a message
+    sent after an action has arrived, any event that action caused has arrived before it.
+    """
+    await sender.send(text, client_id=text)
+    await sender.wait_for(lambda f: f.get("type") == "ack" and f.get("client_id") == text)
+    for chat in watchers:
+        await chat.wait_for(lambda f: f.get("text") == text)
+
+
+def presence_of(base: str, room: str) -> dict[str, Any]:
+    response = httpx.get(f"{base}/api/rooms/{room}/presence")
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_counts_across_replicas_and_multi_tab_users_counted_once(cluster: LocalCluster) -> None:
+    room = "presence"
+    alice = await Chat.join(cluster.ws_url, room, username="alice", history=0)
+    assert alice.welcome["online"] == 1
+    bob = await Chat.join(cluster.ws_url, room, username="bob", history=0)
+    carol = await Chat.join(cluster.ws_url, room, username="carol", history=0)
+    assert len({alice.replica, bob.replica, carol.replica}) == 3, "round robin spreads them"
+    assert (bob.welcome["online"], carol.welcome["online"]) == (2, 3)
+
+    # Two more tabs of alice, on whichever replicas the proxy picks: no one hears of them.
+    tabs = [await Chat.join(cluster.ws_url, room, username="alice", history=0) for _ in range(2)]
+    assert [tab.welcome["online"] for tab in tabs] == [3, 3]
+    await settle(carol, alice, bob, *tabs, text="after the tabs")
+    for index in range(3):
+        body = presence_of(cluster.replica_url(index), room)
+        assert body == {"room": room, "online": 3, "users": ["alice", "bob", "carol"]}
+
+    # Closing two of alice's three tabs is not a leave; closing the last one is, once.
+    await alice.close()
+    await tabs[0].close()
+    await settle(carol, bob, tabs[1], text="two tabs closed")
+    await tabs[1].close()
+    await settle(carol, bob, text="all tabs closed")
+
+    assert presence_events(bob) == [("join", "carol", 3), ("leave", "alice", 2)]
+    assert presence_events(carol) == [("leave", "alice", 2)]
+    assert presence_events(alice) == [("join", "bob", 2), ("join", "carol", 3)]
+    assert presence_events(tabs[1]) == []
+    assert presence_of(cluster.url, room) == {"room": room, "online": 2, "users": ["bob", "carol"]}
+    for chat in (bob, carol):
+        await chat.close()
+
+
+async def test_a_killed_replica_leaves_presence_within_the_expiry(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    cluster = make_cluster(3, env={"CHORUS_PRESENCE_HEARTBEAT_SECONDS": str(HEARTBEAT)})
+    room = "doomed"
+    ws = [cluster.replica_url(i).replace("http", "ws") for i in range(3)]
+    victim = await Chat.join(ws[0], room, username="victim", history=0)
+    # dave has a tab on the doomed replica and one on a survivor: he stays online.
+    dave_doomed = await Chat.join(ws[0], room, username="dave", history=0)
+    dave = await Chat.join(ws[1], room, username="dave", history=0)
+    watchers = [await Chat.join(ws[i], room, username=f"w{i}", history=0) for i in (1, 2)]
+    assert watchers[1].welcome["online"] == 4
+    assert victim.replica == dave_doomed.replica == "replica-0"
+
+    cluster.replicas[0].signal(signal.SIGKILL)
+    for watcher in watchers:
+        leave = await watcher.wait_for(lambda f: f.get("event") == "leave", timeout=EXPIRY + 3)
+        assert (leave["user"], leave["online"]) == ("victim", 3)
+    await settle(dave, *watchers, text="after the kill")
+    for watcher in watchers:
+        # Every survivor races to reap the dead replica; the leave is still announced once.
+        assert [e for e in presence_events(watcher) if e[0] == "leave"] == [("leave", "victim", 3)]
+    assert presence_of(cluster.replica_url(1), room)["users"] == ["dave", "w1", "w2"]
+    for chat in (dave, *watchers):
+        await chat.close()
+
+
+@pytest.fixture
+def memory_replica(tmp_path: Path) -> Iterator[str]:
+    """One replica on the in-process memory broker (no CHORUS_REDIS_URL)."""
+    port = free_port()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "CHORUS_REPLICA_NAME": "solo",
+        "PYTHONUNBUFFERED": "1",
+    }
+    argv = [sys.executable, "-m", "chorus", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    replica = Process("solo", argv, tmp_path / "solo.log", env)
+    replica.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: http_status(base + "/readyz") == 200, 30, "the memory-broker replica")
+        yield base
+    finally:
+        replica.stop()
+
+
+async def test_memory_broker_presence_behaves_the_same(memory_replica: str) -> None:
+    ws = memory_replica.replace("http", "ws")
+    bob = await Chat.join(ws, "solo", username="bob", history=0)
+    tabs = [await Chat.join(ws, "solo", username="alice", history=0) for _ in range(2)]
+    assert [bob.welcome["online"], *(t.welcome["online"] for t in tabs)] == [1, 2, 2]
+    assert presence_of(memory_replica, "solo") == {"room": "solo", "online": 2, "users": ["alice", "bob"]}
+    await tabs[0].close()
+    await settle(tabs[1], bob, text="one tab closed")
+    await tabs[1].close()
+    await bob.wait_for(lambda f: f.get("type") == "presence" and f["event"] == "leave")
+    assert presence_events(bob) == [("join", "alice", 2), ("leave", "alice", 1)]
+    await bob.close()
