@@ -100,6 +100,15 @@ async def test_a_killed_replica_leaves_presence_within_the_expiry(
         # Every survivor races to reap the dead replica; the leave is still announced once.
         assert [e for e in presence_events(watcher) if e[0] == "leave"] == [("leave", "victim", 3)]
     assert presence_of(cluster.replica_url(1), room)["users"] == ["dave", "w1", "w2"]
+
+    # Redis loses everything (a restart without persistence): the live replicas notice their
+    # heartbeat lapsed and put their connections back.
+    cluster.redis.cli("FLUSHALL")
+    wait_until(
+        lambda: presence_of(cluster.replica_url(2), room)["users"] == ["dave", "w1", "w2"],
+        EXPIRY + 3,
+        "the survivors to re-register their members",
+    )
     for chat in (dave, *watchers):
         await chat.close()
 
