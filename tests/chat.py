@@ -37,7 +37,9 @@ class Chat:
             body["client_id"] = client_id
         await self.ws.send(json.dumps(body))
 
-    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10) -> dict[str, Any]:
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10
+    ) -> dict[str, Any]:
         """Read frames until one matches; earlier frames stay recorded in `frames`."""
         for frame in self.frames:
             if predicate(frame) and not frame.get("_seen"):

@@ -42,7 +42,10 @@ def make_cluster(
 
     def make(replicas: int = 3, **kwargs: object) -> LocalCluster:
         cluster = LocalCluster(
-            replicas, redis=redis, workdir=tmp_path_factory.mktemp("cluster"), **kwargs  # type: ignore[arg-type]
+            replicas,
+            redis=redis,
+            workdir=tmp_path_factory.mktemp("cluster"),
+            **kwargs,  # type: ignore[arg-type]
         )
         started.append(cluster)
         return cluster.start()

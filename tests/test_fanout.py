@@ -100,7 +100,9 @@ async def test_unknown_or_malformed_since_gets_resync_then_history(cluster: Loca
     await writer.close()
 
 
-async def test_many_clients_joining_a_new_room_at_once_all_get_the_first_message(cluster: LocalCluster) -> None:
+async def test_many_clients_joining_a_new_room_at_once_all_get_the_first_message(
+    cluster: LocalCluster,
+) -> None:
     chats = await asyncio.gather(
         *(Chat.join(cluster.ws_url, "storm", username=f"s{i}", history=0) for i in range(60))
     )

@@ -45,6 +45,7 @@ from .protocol import (
     parse_since,
     welcome_frame,
 )
+from .sockets import CaptureRawSend, close_now
 
 log = logging.getLogger("chorus.app")
 
@@ -84,7 +85,7 @@ class Runtime:
             await asyncio.sleep(max(0.0, delay - (time.monotonic() - started)))
             conn.close_after_flush(CLOSE_SERVICE_RESTART, "replica draining")
         deadline = time.monotonic() + 5.0
-        while self.hub.connections and time.monotonic() < deadline:
+        while self.hub.connections and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
             await asyncio.sleep(0.05)
         for conn in list(self.hub.connections):
             conn.close(CLOSE_SERVICE_RESTART, "replica draining")
@@ -109,7 +110,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         configure_logging(settings)
         health: Health | None = None
-        broker = create_broker(settings, on_connection_change=lambda up: health and health.connection_changed(up))
+
+        def connection_changed(up: bool) -> None:
+            if health is not None:
+                health.connection_changed(up)
+
+        broker = create_broker(settings, on_connection_change=connection_changed)
         health = Health(
             broker,
             replica=settings.replica_name,
@@ -142,7 +148,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await _bounded("rooms", hub.close())
             await _bounded("broker", broker.stop())
 
-    app = FastAPI(title="Chorus", version=__version__, lifespan=lifespan, docs_url="/api/docs", redoc_url=None)
+    app = FastAPI(
+        title="Chorus", version=__version__, lifespan=lifespan, docs_url="/api/docs", redoc_url=None
+    )
+    app.add_middleware(CaptureRawSend)
 
     @app.get("/livez")
     async def livez() -> dict[str, str]:
@@ -154,7 +163,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if runtime.health.ready:
             return JSONResponse({"status": "ready", "replica": settings.replica_name})
         return JSONResponse(
-            {"status": "not ready", "reason": runtime.health.why_not_ready(), "replica": settings.replica_name},
+            {
+                "status": "not ready",
+                "reason": runtime.health.why_not_ready(),
+                "replica": settings.replica_name,
+            },
             status_code=503,
         )
 
@@ -244,7 +257,7 @@ async def _serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> No
         tag=runtime.next_tag(),
         limit=settings.send_queue_size,
         send=websocket.send_text,
-        close=lambda code, reason: websocket.close(code, reason),
+        close=lambda code, reason: _close(websocket, code, reason),
     )
     conn.start()
     close_code: Any = "none"
@@ -284,6 +297,11 @@ async def _serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> No
                 pass
 
 
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    if not close_now(websocket.scope, code, reason):
+        await websocket.close(code, reason)
+
+
 async def _handle_text(runtime: Runtime, conn: Connection, text: str) -> None:
     settings = runtime.settings
     metrics.MESSAGES_RECEIVED.inc()
@@ -302,7 +320,9 @@ async def _handle_text(runtime: Runtime, conn: Connection, text: str) -> None:
         metrics.MESSAGES_DROPPED.labels(metrics.DROP_BROKER_UNAVAILABLE).inc()
         log.warning("message from %s in %s not sent: %s", conn.user, conn.room, exc)
         conn.offer(
-            error_frame(ERROR_UNAVAILABLE, "the message was not sent: the broker is unavailable", message.client_id)
+            error_frame(
+                ERROR_UNAVAILABLE, "the message was not sent: the broker is unavailable", message.client_id
+            )
         )
         return
     metrics.MESSAGES_PUBLISHED.inc()

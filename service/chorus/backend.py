@@ -218,7 +218,9 @@ class RedisPubSubBackend(BroadcastBackend):
                 reader = await self._open()
                 if not first:
                     self.reconnects += 1
-                    log.warning("pub/sub connection to Redis restored; re-subscribing %d rooms", len(self._wanted))
+                    log.warning(
+                        "pub/sub connection to Redis restored; re-subscribing %d rooms", len(self._wanted)
+                    )
                 self._resubscribing = set(self._wanted) if not first else set()
                 first = False
                 self._outstanding.clear()

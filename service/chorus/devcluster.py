@@ -62,7 +62,9 @@ def http_status(url: str, timeout: float = 1.0) -> int | None:
 class Process:
     """A child process with its output in a log file; stopped by PID only."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
@@ -282,7 +284,9 @@ class LocalCluster:
                     data += chunk
         except OSError:
             return 0
-        rows = [line.split(",") for line in data.decode().splitlines() if line.startswith("replicas,replica-")]
+        rows = [
+            line.split(",") for line in data.decode().splitlines() if line.startswith("replicas,replica-")
+        ]
         return sum(1 for row in rows if row[17].startswith("UP"))
 
     def wait_proxy_sees(self, count: int, timeout: float = 20) -> None:
@@ -296,7 +300,9 @@ class LocalCluster:
         config = self.workdir / "haproxy.cfg"
         stats = self.workdir / "haproxy.sock"
         config.write_text(HAPROXY_CONFIG.format(port=self.port, servers=servers, stats=stats))
-        self.proxy = Process("haproxy", [find_binary("haproxy"), "-f", str(config)], self.workdir / "haproxy.log")
+        self.proxy = Process(
+            "haproxy", [find_binary("haproxy"), "-f", str(config)], self.workdir / "haproxy.log"
+        )
         self.proxy.start()
         proxy = self.proxy
 

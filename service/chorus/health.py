@@ -11,6 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
+from typing import cast
 
 from broadcaster import Event
 from broadcaster._base import Subscriber
@@ -74,7 +75,7 @@ class Health:
                 await self._broker.publish_raw(self.channel, nonce)
                 while True:
                     event: Event = await subscriber.get()
-                    if event.message is not GAP and event.message == nonce:
+                    if event.message is not GAP and cast(bytes, event.message) == nonce:
                         break
         except TimeoutError:
             return False, "broker: self-probe did not come back in time"

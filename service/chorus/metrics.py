@@ -29,7 +29,9 @@ CONNECTIONS_CLOSED = Counter("chorus_connections_closed", "WebSockets closed, by
 ROOMS = Gauge("chorus_rooms", "Rooms with members on this replica.", multiprocess_mode="livesum")
 MESSAGES_RECEIVED = Counter("chorus_messages_received", "Chat messages received from clients.")
 MESSAGES_PUBLISHED = Counter("chorus_messages_published", "Chat messages stored and published to the broker.")
-MESSAGES_DELIVERED = Counter("chorus_messages_delivered", "Message frames queued to clients (live and replay).")
+MESSAGES_DELIVERED = Counter(
+    "chorus_messages_delivered", "Message frames queued to clients (live and replay)."
+)
 MESSAGES_DROPPED = Counter(
     "chorus_messages_dropped",
     "Messages not delivered or not published, by reason.",
@@ -44,7 +46,9 @@ BROKER_UP = Gauge(
     "chorus_broker_up", "1 when the broker self-probe succeeds, else 0.", multiprocess_mode="livemin"
 )
 BROKER_RECONNECTS = Counter("chorus_broker_reconnects", "Pub/sub connections re-established.")
-BROKER_BACKFILLED = Counter("chorus_broker_backfilled", "Messages recovered from the room stream after a gap.")
+BROKER_BACKFILLED = Counter(
+    "chorus_broker_backfilled", "Messages recovered from the room stream after a gap."
+)
 BROKER_PROBE_LATENCY = Histogram(
     "chorus_broker_probe_latency_seconds",
     "Round trip of the readiness self-probe through Redis pub/sub.",
@@ -52,7 +56,9 @@ BROKER_PROBE_LATENCY = Histogram(
 )
 RESYNCS = Counter("chorus_resyncs", "Resync frames sent because history could not fill a gap.")
 SEND_QUEUE_DEPTH = Gauge(
-    "chorus_send_queue_depth", "Deepest per-connection send queue on this replica.", multiprocess_mode="livemax"
+    "chorus_send_queue_depth",
+    "Deepest per-connection send queue on this replica.",
+    multiprocess_mode="livemax",
 )
 BUILD_INFO = Gauge("chorus_build_info", "Chorus version.", ["version"], multiprocess_mode="livemax")
 BUILD_INFO.labels(version=__version__).set(1)

@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 import uvicorn
 from uvicorn_worker import UvicornWorker
@@ -82,7 +82,9 @@ def serve_uvicorn(settings: Settings, *, host: str, port: int) -> None:
 class ChorusWorker(UvicornWorker):
     """gunicorn worker running ChorusServer, so every worker drains on SIGTERM."""
 
-    CONFIG_KWARGS = {key: value for key, value in UVICORN_OPTIONS.items() if key != "proxy_headers"}
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
+        key: value for key, value in UVICORN_OPTIONS.items() if key != "proxy_headers"
+    }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

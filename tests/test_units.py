@@ -1,0 +1,117 @@
+"""Pure parts: the RESP parser, frame parsing, stream ids, settings errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from chorus.backend import RespError, RespParser, encode_command
+from chorus.config import Settings, SettingsError, load_settings, redact_url
+from chorus.protocol import (
+    ProtocolError,
+    StreamId,
+    decode_published,
+    encode_published,
+    message_frame,
+    message_tail,
+    parse_client_frame,
+    parse_since,
+)
+
+
+def test_resp_parser_handles_split_reads_and_binary_payloads() -> None:
+    wire = (
+        encode_command(b"subscribe", b"chorus:msg:{a}")[0:0]
+        + b"*3\r\n$9\r\nsubscribe\r\n$14\r\nchorus:msg:{a}\r\n:1\r\n"
+        + b"*3\r\n$7\r\nmessage\r\n$14\r\nchorus:msg:{a}\r\n$4\r\n\xff\r\n\x00\r\n"
+        + b"-ERR boom\r\n"
+    )
+    parser = RespParser()
+    replies = []
+    for i in range(len(wire)):  # one byte at a time: every split point
+        parser.feed(wire[i : i + 1])
+        replies.extend(parser.replies())
+    assert replies[0] == [b"subscribe", b"chorus:msg:{a}", 1]
+    assert replies[1] == [b"message", b"chorus:msg:{a}", b"\xff\r\n\x00"]
+    assert isinstance(replies[2], RespError)
+
+
+def test_encode_command() -> None:
+    assert encode_command(b"SUBSCRIBE", "ch") == b"*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\nch\r\n"
+
+
+def test_published_payload_round_trip() -> None:
+    tail = message_tail(room="r", user="u", text='he said "hi" \u00e9', ts=12.5, replica="rep")
+    frame = message_frame(b"1700-3", tail)
+    msg = decode_published(encode_published(b"ab.1", frame))
+    assert msg.sender == b"ab.1" and msg.id == StreamId((1700, 3)) and msg.ts == 12.5
+    assert msg.frame == frame.decode()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"nospace",
+        b'x {"type":"other"}',
+        b'x {"type":"message","id":"1-0"}',
+        b"\xff\xfe",
+        b'x {"type":"message","id":"zz","ts":1,',
+    ],
+)
+def test_decode_published_rejects_foreign_payloads(payload: bytes) -> None:
+    with pytest.raises((ValueError, UnicodeDecodeError)):
+        decode_published(payload)
+
+
+def test_stream_ids_order_numerically() -> None:
+    assert StreamId.parse("10-0") > StreamId.parse("9-99")
+    assert StreamId.parse(b"5") == StreamId((5, 0))
+    assert parse_since("garbage") is None and parse_since("1-x") is None
+    assert str(StreamId.parse("3-4")) == "3-4"
+
+
+def test_client_frames() -> None:
+    assert parse_client_frame("hello", max_message_bytes=10).text == "hello"
+    assert parse_client_frame("[1]", max_message_bytes=10).text == "[1]"
+    parsed = parse_client_frame('{"type":"message","text":"x","client_id":"c"}', max_message_bytes=10)
+    assert (parsed.text, parsed.client_id) == ("x", "c")
+    with pytest.raises(ProtocolError) as info:
+        parse_client_frame("é" * 6, max_message_bytes=10)  # 12 UTF-8 bytes
+    assert info.value.code == "too_large"
+    for bad in (
+        '{"type":"x"}',
+        '{"text":"x"}',
+        '{"type":"message","text":1}',
+        '{"type":"message","text":"x","client_id":5}',
+        "   ",
+    ):
+        with pytest.raises(ProtocolError) as info:
+            parse_client_frame(bad, max_message_bytes=10)
+        assert info.value.code == "invalid"
+
+
+def test_bad_settings_fail_with_one_line_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHORUS_HISTORY_SIZE", "0")
+    with pytest.raises(SettingsError, match=r"^CHORUS_HISTORY_SIZE: "):
+        load_settings()
+    monkeypatch.delenv("CHORUS_HISTORY_SIZE")
+    monkeypatch.setenv("CHORUS_REDIS_URL", "http://x")
+    with pytest.raises(SettingsError, match=r"^CHORUS_REDIS_URL: scheme 'http' is not supported"):
+        load_settings()
+    monkeypatch.setenv("CHORUS_REDIS_URL", "redis://:s3cret@h:6379/0")
+    monkeypatch.setenv("CHORUS_MAX_FRAME_BYTES", "2048")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert "CHORUS_MAX_FRAME_BYTES" in str(info.value) and "s3cret" not in str(info.value)
+
+
+def test_kubernetes_service_variables_do_not_break_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Service named `chorus` makes Kubernetes inject these into every pod of the namespace.
+    monkeypatch.setenv("CHORUS_PORT", "tcp://10.0.0.1:8000")
+    monkeypatch.setenv("CHORUS_SERVICE_HOST", "10.0.0.1")
+    assert load_settings().workers == 1
+
+
+def test_redis_password_is_redacted() -> None:
+    assert redact_url("rediss://user:pw@host:6380/0") == "rediss://user:***@host:6380/0"
+    assert Settings(redis_url="redis://:pw@h:1/0").redis_url_redacted == "redis://:***@h:1/0"
