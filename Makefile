@@ -40,6 +40,18 @@ lint: test-deps ## ruff and mypy --strict on the service
 	$(BIN)/ruff format --check service
 	$(BIN)/mypy
 
+##@ Load test
+
+LOADTEST_USERS ?= 60
+LOADTEST_TIME ?= 60
+LOADTEST_URL ?=
+LOADTEST_ARGS ?=
+
+.PHONY: loadtest
+loadtest: system-deps test-deps ## Locust for LOADTEST_TIME s against a local cluster (or LOADTEST_URL); SLO verdict + report in results/
+	$(BIN)/python -m loadtest --users $(LOADTEST_USERS) --run-time $(LOADTEST_TIME) --replicas $(REPLICAS) \
+		$(if $(LOADTEST_URL),--url $(LOADTEST_URL)) $(LOADTEST_ARGS)
+
 ##@ Set-up (the targets above call these)
 
 .PHONY: system-deps
