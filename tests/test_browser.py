@@ -132,4 +132,3 @@ def test_two_pages_on_two_replicas_chat_and_survive_a_replica_kill(
     alice.screenshot(path="artifacts/chat-phone.png", full_page=True)
     for page in (alice, bob):
         page.context.close()
-
