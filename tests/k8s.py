@@ -1,0 +1,72 @@
+"""Helpers for the Kubernetes packaging tests: the project-local tools and `helm template`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "chorus"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+TOOLS_BIN = ROOT / ".tools" / "bin"
+INSTALLER = ROOT / "k8s" / "tools" / "install-tools.sh"
+NAMESPACE = "chorus"
+RELEASE = "chorus"
+
+_install_lock = threading.Lock()
+
+
+def tool(name: str) -> str:
+    """Path of a tool: the project-local copy, else one on PATH, else installed now by the installer."""
+    local = TOOLS_BIN / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is not None:
+        return found
+    with _install_lock:
+        if not local.exists():
+            subprocess.run(["bash", str(INSTALLER)], check=True, timeout=600)
+    return str(local)
+
+
+def run(argv: list[str], *, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(
+        os.environ, HELM_CACHE_HOME="/tmp/chorus-helm/cache", HELM_CONFIG_HOME="/tmp/chorus-helm/config"
+    )
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@cache
+def render_text(values_file: Path | None = None, sets: tuple[str, ...] = ()) -> str:
+    argv = [tool("helm"), "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    if values_file is not None:
+        argv += ["--values", str(values_file)]
+    for item in sets:
+        argv += ["--set", item]
+    result = run(argv)
+    if result.returncode != 0:
+        raise AssertionError(f"helm template failed:\n{result.stderr}")
+    return result.stdout
+
+
+def render(values_file: Path | None = None, sets: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Every object `helm template` renders (test hooks included), parsed."""
+    return [doc for doc in yaml.safe_load_all(render_text(values_file, sets)) if doc]
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(matches) == 1, f"expected one {kind} {name or ''}, found {len(matches)}"
+    return matches[0]
+
+
+def chorus_deployment(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return find(objects, "Deployment", RELEASE)
