@@ -11,6 +11,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
+import matplotlib.dates as mdates
 import matplotlib.pyplot as plt
 
 from .prometheus import PrometheusServer
@@ -83,6 +84,7 @@ def render_png(
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(unit, fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper left")
