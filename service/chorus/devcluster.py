@@ -213,7 +213,11 @@ class LocalCluster:
         workers: int = 1,
         env: dict[str, str] | None = None,
         workdir: Path | None = None,
+        launch: Callable[[int, int], tuple[Sequence[str], dict[str, str]]] | None = None,
     ) -> None:
+        # `launch(index, port)` gives a replica's argv and env overrides instead of the default
+        # `chorus serve` (the chart contract test runs the Deployment's own command this way).
+        self.launch = launch
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="chorus-cluster-"))
         self.port = port or free_port()
         self._own_redis = redis is None
@@ -255,8 +259,13 @@ class LocalCluster:
             "--host", "127.0.0.1", "--port", str(self.replica_ports[index]),
             "--workers", str(self.workers),
         ]  # fmt: skip
+        env = self.replica_env(index)
+        if self.launch is not None:
+            command, overrides = self.launch(index, self.replica_ports[index])
+            argv = list(command)
+            env.update(overrides)
         log = self.workdir / f"{self.replica_name(index)}.log"
-        return Process(self.replica_name(index), argv, log, self.replica_env(index))
+        return Process(self.replica_name(index), argv, log, env)
 
     def start(self, *, wait_ready: bool = True) -> LocalCluster:
         if self._own_redis:
