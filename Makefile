@@ -40,6 +40,14 @@ lint: test-deps ## ruff and mypy --strict on the service
 	$(BIN)/ruff format --check service
 	$(BIN)/mypy
 
+##@ Benchmark
+
+BENCH_ARGS ?=
+
+.PHONY: bench
+bench: system-deps test-deps ## Chorus vs the seed's naive design, side by side: table, JSON, plot in loadtest/results/
+	$(BIN)/python -m loadtest.bench --out loadtest/results $(BENCH_ARGS)
+
 ##@ Load test
 
 LOADTEST_USERS ?= 60

@@ -1,0 +1,267 @@
+"""`make bench`: Chorus against the seed's naive design, side by side, in one run.
+
+    python -m loadtest.bench [--smoke] [--out loadtest/results]
+
+Starts a Redis and R replicas per implementation (clients connect straight to the replicas,
+round robin), then measures, alternating Chorus and baseline step by step so that a noisy
+machine treats both alike:
+
+1. the main curve: 2 replicas, one room of 100 receivers, 10 publishers, open-loop steps of
+   rising rate until each implementation fails twice (loss, duplicates or p99 > 50 ms);
+2. a rooms sweep (1, 10, 100, 1,000 rooms over 2,000 receivers) at a fixed delivery rate;
+3. a replicas sweep (1, 2, 3) on the main room at a fixed delivery rate;
+4. idle memory: RSS growth of one replica per idle WebSocket at 2,000 connections.
+
+Writes bench.md, bench.json and bench.png under --out. Every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from chorus.devcluster import HarnessError, wait_until
+
+from .bench_load import Load, StepResult
+from .bench_procs import IMPLS, Target, ensure_baseline_venv
+from .bench_report import write_report
+from .bench_wire import Tally, open_socket
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one benchmark run; `smoke` only proves the machinery works."""
+
+    replicas: int = 2
+    receivers: int = 100
+    publishers: int = 10
+    step_seconds: float = 3.0
+    rates_dps: tuple[int, ...] = (5_000, 10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000)
+    max_failures: int = 2
+    sweep_rooms: tuple[int, ...] = (1, 10, 100, 1000)
+    sweep_receivers: int = 2000
+    sweep_rooms_dps: int = 6_000
+    sweep_replicas: tuple[int, ...] = (1, 2, 3)
+    sweep_replicas_dps: int = 10_000
+    idle_connections: int = 2000
+
+
+FULL = Plan()
+SMOKE = Plan(
+    replicas=1, receivers=4, publishers=2, step_seconds=0.5, rates_dps=(100, 200), max_failures=2,
+    sweep_rooms=(1, 2), sweep_receivers=4, sweep_rooms_dps=100, sweep_replicas=(1, 2),
+    sweep_replicas_dps=100, idle_connections=20,
+)  # fmt: skip
+
+
+@dataclass
+class Results:
+    plan: Plan
+    main: list[StepResult] = field(default_factory=list)
+    rooms: list[StepResult] = field(default_factory=list)
+    replicas: list[StepResult] = field(default_factory=list)
+    memory: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _brief(step: StepResult) -> str:
+    flag = "ok" if step.passed() else "FAIL"
+    if step.client_bound:
+        flag += " client-bound"
+    return (
+        f"{step.impl:8} {step.scenario:8} rooms={step.rooms:<4} R={step.replicas} "
+        f"offered={step.offered_dps:>7.0f}/s "
+        f"delivered={step.delivered_dps:>7.0f}/s loss={step.loss} p99={step.p99_ms:.1f}ms "
+        f"cpu/1k={step.server_cpu_per_1k:.4f}s gen={step.generator_cores:.2f} {flag}"
+    )
+
+
+async def _with_load(
+    target: Target, scenario: str, rooms: int, receivers: int, publishers_per_room: int
+) -> Load:
+    load = Load(
+        target, scenario=scenario, rooms=rooms, receivers=receivers, publishers_per_room=publishers_per_room
+    )
+    await load.connect()
+    # A short unmeasured step warms both ends (first frames, lazy imports, subscriptions).
+    await load.step(max(1.0, 200 / max(1, receivers // rooms)), 0.3)
+    return load
+
+
+async def main_curve(plan: Plan, targets: dict[str, Target], results: Results) -> None:
+    loads = {
+        impl: await _with_load(t, "main", 1, plan.receivers, plan.publishers) for impl, t in targets.items()
+    }
+    failures = dict.fromkeys(targets, 0)
+    try:
+        for dps in plan.rates_dps:
+            for impl, load in loads.items():
+                if failures[impl] >= plan.max_failures:
+                    continue
+                step = await load.step(dps / plan.receivers, plan.step_seconds)
+                log(_brief(step))
+                results.main.append(step)
+                if not step.passed():
+                    failures[impl] += 1
+            if all(count >= plan.max_failures for count in failures.values()):
+                break
+    finally:
+        for load in loads.values():
+            load.close()
+
+
+async def fixed_step(
+    target: Target, scenario: str, rooms: int, receivers: int, dps: int, plan: Plan
+) -> StepResult:
+    per_room = max(1, plan.publishers // rooms)
+    load = await _with_load(target, scenario, rooms, receivers, per_room)
+    try:
+        step = await load.step(dps / (receivers / rooms), plan.step_seconds)
+    finally:
+        load.close()
+    log(_brief(step))
+    return step
+
+
+async def idle_memory(target: Target, connections: int) -> dict[str, Any]:
+    """RSS growth of the replica per idle WebSocket (all in a few rooms, history off)."""
+    tally = Tally()
+    before = _settled_rss(target)
+    gate = asyncio.Semaphore(64)
+
+    async def one(index: int) -> Any:
+        async with gate:
+            return await open_socket(
+                target.ports[0], f"/ws/idle-{index % 20}?username=idle&history=0", tally, receiver=True
+            )
+
+    clients = await asyncio.gather(*(one(i) for i in range(connections)))
+    after = _settled_rss(target)
+    for client in clients:
+        client.close()
+    per_conn = (after - before) / connections
+    result = {"impl": target.impl, "connections": connections, "rss_before_kib": before,
+              "rss_after_kib": after, "kib_per_connection": per_conn}  # fmt: skip
+    log(f"{target.impl:8} idle memory: {per_conn:.1f} KiB per connection ({before} -> {after} KiB)")
+    return result
+
+
+def _settled_rss(target: Target) -> int:
+    """RSS once two readings 0.3 s apart agree within 1% (bounded)."""
+    readings = [target.server_rss_kib()]
+
+    def settled() -> bool:
+        readings.append(target.server_rss_kib())
+        return abs(readings[-1] - readings[-2]) <= readings[-1] * 0.01
+
+    with contextlib.suppress(HarnessError):  # still moving after 10 s: report the last reading
+        wait_until(settled, 10, "replica RSS to settle", interval=0.3)
+    return readings[-1]
+
+
+def _start(impls: Sequence[str], replicas: int, workdir: Path) -> dict[str, Target]:
+    targets: dict[str, Target] = {}
+    try:
+        for impl in impls:
+            targets[impl] = Target(impl, replicas, workdir / f"r{replicas}").start()
+    except BaseException:
+        _stop(targets)
+        raise
+    return targets
+
+
+def _stop(targets: dict[str, Target]) -> None:
+    for target in targets.values():
+        target.stop()
+
+
+async def run(plan: Plan, impls: Sequence[str], workdir: Path) -> Results:
+    # SIGTERM cancels the run, so the finally blocks below stop every process we started.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    results = Results(plan)
+    replica_counts = sorted({plan.replicas, *plan.sweep_replicas})
+    for replicas in replica_counts:
+        log(f"starting {replicas} replica(s) of {', '.join(impls)}")
+        targets = _start(impls, replicas, workdir)
+        try:
+            if replicas == plan.replicas:
+                await main_curve(plan, targets, results)
+                for rooms in plan.sweep_rooms:
+                    for target in targets.values():
+                        results.rooms.append(
+                            await fixed_step(
+                                target, "rooms", rooms, plan.sweep_receivers, plan.sweep_rooms_dps, plan
+                            )
+                        )
+            if replicas in plan.sweep_replicas:
+                for target in targets.values():
+                    results.replicas.append(
+                        await fixed_step(target, "replicas", 1, plan.receivers, plan.sweep_replicas_dps, plan)
+                    )
+            if replicas == 1:
+                for target in targets.values():
+                    results.memory.append(await idle_memory(target, plan.idle_connections))
+        finally:
+            _stop(targets)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: prove the benchmark runs end to end"
+    )
+    parser.add_argument("--out", type=Path, default=Path("loadtest/results"))
+    parser.add_argument("--impl", choices=IMPLS, action="append", help="default: both")
+    parser.add_argument("--step-seconds", type=float, default=None)
+    args = parser.parse_args(argv)
+    plan = SMOKE if args.smoke else FULL
+    if args.step_seconds:
+        plan = Plan(**{**plan.__dict__, "step_seconds": args.step_seconds})
+    impls = args.impl or list(IMPLS)
+    if "baseline" in impls:
+        log("preparing the baseline's venv (first run only)")
+        ensure_baseline_venv()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="chorus-bench-") as workdir:
+        results = uvloop.run(run(plan, impls, Path(workdir)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    paths = write_report(results, args.out, smoke=args.smoke)
+    log(f"done in {time.monotonic() - started:.0f}s: {', '.join(str(path) for path in paths)}")
+    return 0
+
+
+def results_json(results: Results) -> str:
+    return json.dumps(
+        {
+            "plan": results.plan.__dict__,
+            "started": results.started,
+            "main": [step.as_dict() for step in results.main],
+            "rooms": [step.as_dict() for step in results.rooms],
+            "replicas": [step.as_dict() for step in results.replicas],
+            "memory": results.memory,
+        },
+        indent=1,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""One load: receivers and publishers on one target, driven open-loop in measured steps."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .bench_procs import Target, self_cpu_seconds
+from .bench_wire import Tally, WsClient, now_us, open_socket
+
+MESSAGE_BYTES = 80  # the text of each message, as in the issue's reference runs
+CONNECT_CONCURRENCY = 64
+TICK_SECONDS = 0.002
+CLIENT_BOUND_CORES = 0.9  # a generator above this share of one core measures itself
+_step_ids = itertools.count(1)
+
+
+@dataclass
+class StepResult:
+    """One measured step; latencies in ms, CPU in seconds and cores."""
+
+    impl: str
+    scenario: str
+    replicas: int
+    rooms: int
+    receivers: int
+    publishers: int
+    offered_msgs_s: float
+    seconds: float
+    sent: int
+    expected: int
+    delivered: int
+    duplicates: int
+    loss: int
+    offered_dps: float
+    delivered_dps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    server_cpu_s: float
+    server_cpu_per_1k: float
+    server_cores: float
+    redis_cpu_s: float
+    redis_us_per_msg: float
+    generator_cores: float
+    client_bound: bool
+    closed: dict[int, int] = field(default_factory=dict)
+
+    def passed(self, p99_ms: float = 50.0) -> bool:
+        return self.loss == 0 and self.duplicates == 0 and self.p99_ms <= p99_ms and not self.closed
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed()}
+
+
+def _percentile(ordered: list[int], fraction: float) -> float:
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] / 1000
+
+
+class Load:
+    """C receivers spread over `rooms` and the replicas (round robin), plus publishers."""
+
+    def __init__(
+        self, target: Target, *, scenario: str, rooms: int, receivers: int, publishers_per_room: int
+    ) -> None:
+        self.target = target
+        self.scenario = scenario
+        self.rooms = rooms
+        self.receivers_count = receivers
+        self.publishers_per_room = publishers_per_room
+        self.tally = Tally()
+        self.receivers: list[WsClient] = []
+        self.publishers: list[tuple[WsClient, int]] = []
+        self.members = [0] * rooms
+
+    def _port(self, index: int) -> int:
+        return self.target.ports[index % len(self.target.ports)]
+
+    async def connect(self) -> None:
+        gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+        async def one(index: int, room: int, receiver: bool) -> WsClient:
+            # One username per role and room: Chorus announces only a user's first join and
+            # last leave, so N distinct joiners would add an N-squared presence storm that is
+            # not what this measures (and that the baseline does not have).
+            name = "recv" if receiver else "pub"
+            path = f"/ws/bench-{room}?username={name}&history=0"
+            async with gate:
+                return await open_socket(self._port(index), path, self.tally, receiver=receiver)
+
+        rooms = [index % self.rooms for index in range(self.receivers_count)]
+        for room in rooms:
+            self.members[room] += 1
+        self.receivers = list(await asyncio.gather(*(one(i, room, True) for i, room in enumerate(rooms))))
+        # A publisher is a separate socket, not a receiver: Chorus acks the sender instead of echoing.
+        pub_rooms = [room for room in range(self.rooms) for _ in range(self.publishers_per_room)]
+        clients = await asyncio.gather(*(one(i + 1, room, False) for i, room in enumerate(pub_rooms)))
+        self.publishers = list(zip(clients, pub_rooms, strict=True))
+
+    def close(self) -> None:
+        for client in [*self.receivers, *(pub for pub, _ in self.publishers)]:
+            client.close()
+
+    async def step(self, msgs_per_s: float, seconds: float) -> StepResult:
+        """Send `msgs_per_s` for `seconds` open-loop, wait (bounded) for stragglers, measure."""
+        step_id = next(_step_ids)
+        target = self.target
+        target.check_alive()
+        cpu0, redis0, gen0, wall0 = (
+            target.server_cpu(),
+            target.redis_cpu(),
+            self_cpu_seconds(),
+            time.monotonic(),
+        )
+        sent, expected = await self._publish(step_id, msgs_per_s, seconds)
+        tally = self.tally.step(step_id)
+        deadline = time.monotonic() + max(2.0, seconds)
+        # A bounded poll: stragglers get the deadline, not an open-ended wait.
+        while tally.received + tally.duplicates < expected and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        wall = time.monotonic() - wall0
+        cpu, redis, gen = target.server_cpu() - cpu0, target.redis_cpu() - redis0, self_cpu_seconds() - gen0
+        ordered = sorted(tally.latencies_us)
+        delivered = tally.received
+        return StepResult(
+            impl=target.impl,
+            scenario=self.scenario,
+            replicas=len(target.ports),
+            rooms=self.rooms,
+            receivers=self.receivers_count,
+            publishers=len(self.publishers),
+            offered_msgs_s=msgs_per_s,
+            seconds=seconds,
+            sent=sent,
+            expected=expected,
+            delivered=delivered,
+            duplicates=tally.duplicates,
+            loss=max(0, expected - delivered),
+            offered_dps=expected / seconds,
+            delivered_dps=delivered / seconds,
+            p50_ms=_percentile(ordered, 0.50),
+            p90_ms=_percentile(ordered, 0.90),
+            p99_ms=_percentile(ordered, 0.99),
+            max_ms=ordered[-1] / 1000 if ordered else float("nan"),
+            server_cpu_s=cpu,
+            server_cpu_per_1k=cpu / delivered * 1000 if delivered else float("nan"),
+            server_cores=cpu / wall,
+            redis_cpu_s=redis,
+            redis_us_per_msg=redis / sent * 1e6 if sent else float("nan"),
+            generator_cores=gen / wall,
+            client_bound=gen / wall > CLIENT_BOUND_CORES,
+            closed=dict(self.tally.closed),
+        )
+
+    async def _publish(self, step_id: int, msgs_per_s: float, seconds: float) -> tuple[int, int]:
+        total = max(1, round(msgs_per_s * seconds))
+        publishers = self.publishers
+        seqs = [0] * len(publishers)
+        pad = b"x" * MESSAGE_BYTES
+        expected = 0
+        started = time.monotonic()
+        sent = 0
+        while sent < total:
+            due = min(total, int((time.monotonic() - started) * msgs_per_s) + 1)
+            while sent < due:
+                index = sent % len(publishers)
+                client, room = publishers[index]
+                head = b"%d %d %d %d " % (step_id, index, seqs[index], now_us())
+                seqs[index] += 1
+                client.send_text(b'{"type":"message","text":"%s"}' % (head + pad[len(head) :]))
+                expected += self.members[room]
+                sent += 1
+            await asyncio.sleep(TICK_SECONDS)
+        return sent, expected

@@ -1,0 +1,173 @@
+"""The processes under test: Redis plus R replicas of Chorus or of the naive baseline.
+
+Both are started with chorus.devcluster's RedisServer and Process, on loopback, and stopped by
+PID. CPU and memory come from /proc, summed over each replica's process tree (gunicorn's
+workers are children of the PID we started).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from chorus.devcluster import HarnessError, Process, RedisServer, free_port, http_status, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+BASELINE_DIR = ROOT / "loadtest" / "baselines"
+BASELINE_VENV = ROOT / ".venv-baseline"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+IMPLS = ("chorus", "baseline")
+
+
+def ensure_baseline_venv(venv: Path = BASELINE_VENV) -> Path:
+    """Create the baseline's own venv on first use (it needs redis-py 7, Chorus pins 8)."""
+    python = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    requirements = BASELINE_DIR / "requirements.txt"
+    if stamp.exists() and stamp.read_text() == requirements.read_text():
+        return python
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(requirements)],
+        check=True,
+    )
+    stamp.write_text(requirements.read_text())
+    return python
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def process_tree(pid: int) -> list[int]:
+    tree = _children()
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(tree.get(current, []))
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes (live ones; children reaped count via cutime)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    return total / CLK_TCK
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KIB
+        except OSError:
+            continue
+    return total
+
+
+def self_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+class Target:
+    """One implementation under test: its own Redis and R replicas, clients connect directly."""
+
+    def __init__(
+        self, impl: str, replicas: int, workdir: Path, *, workers: int = 1, env: dict[str, str] | None = None
+    ) -> None:
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}")
+        self.impl = impl
+        self.workdir = workdir / impl
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.redis = RedisServer(self.workdir)
+        self.ports = [free_port() for _ in range(replicas)]
+        self.workers = workers
+        self.env = env or {}  # e.g. PYTHONPATH to A/B a patched copy of the service
+        self.replicas: list[Process] = []
+        self._pids: list[int] = []
+
+    def _argv(self, port: int) -> list[str]:
+        if self.impl == "chorus":
+            return [sys.executable, "-m", "chorus", "serve", "--host", "127.0.0.1", "--port", str(port),
+                    "--workers", str(self.workers)]  # fmt: skip
+        return [
+            str(ensure_baseline_venv()), "-m", "uvicorn", "--app-dir", str(BASELINE_DIR), "naive:app",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", str(self.workers),
+            # The options Chorus runs uvicorn with (chorus.server.UVICORN_OPTIONS).
+            "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio",
+            "--ws-per-message-deflate", "false", "--log-level", "warning", "--no-access-log",
+        ]  # fmt: skip
+
+    def start(self) -> Target:
+        self.redis.start()
+        for index, port in enumerate(self.ports):
+            env = {key: value for key, value in os.environ.items() if not key.startswith("CHORUS_")}
+            env.update(
+                CHORUS_REDIS_URL=self.redis.url,
+                CHORUS_REPLICA_NAME=f"{self.impl}-{index}",
+                CHORUS_LOG_LEVEL="warning",
+                PYTHONUNBUFFERED="1",
+            )
+            env.update(self.env)
+            process = Process(
+                f"{self.impl}-{index}", self._argv(port), self.workdir / f"replica-{index}.log", env
+            )
+            process.start()
+            self.replicas.append(process)
+        for process, port in zip(self.replicas, self.ports, strict=True):
+            self._wait_ready(process, port)
+        return self
+
+    def _wait_ready(self, process: Process, port: int) -> None:
+        def ready() -> bool:
+            if not process.alive():
+                raise HarnessError(f"{process.name} exited:\n{process.output()[-3000:]}")
+            return http_status(f"http://127.0.0.1:{port}/readyz") == 200
+
+        wait_until(ready, 60, f"{process.name} to be ready")
+
+    def pids(self) -> list[int]:
+        return [pid for process in self.replicas for pid in process_tree(process.pid)]
+
+    def server_cpu(self) -> float:
+        return cpu_seconds(self.pids())
+
+    def redis_cpu(self) -> float:
+        assert self.redis.process is not None
+        return cpu_seconds([self.redis.process.pid])
+
+    def server_rss_kib(self) -> int:
+        return rss_kib(self.pids())
+
+    def check_alive(self) -> None:
+        for process in self.replicas:
+            if not process.alive():
+                raise HarnessError(f"{process.name} exited:\n{process.output()[-3000:]}")
+
+    def stop(self) -> None:
+        for process in self.replicas:
+            process.stop()
+        self.redis.stop()
