@@ -37,10 +37,16 @@ def tool(name: str) -> str:
     return str(local)
 
 
-def run(argv: list[str], *, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = dict(
-        os.environ, HELM_CACHE_HOME="/tmp/chorus-helm/cache", HELM_CONFIG_HOME="/tmp/chorus-helm/config"
-    )
+def run(
+    argv: list[str], *, cwd: Path = ROOT, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    # helm keeps its cache and config out of the user's home.
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": "/tmp/chorus-helm/cache",
+        "HELM_CONFIG_HOME": "/tmp/chorus-helm/config",
+        **(env or {}),
+    }
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
