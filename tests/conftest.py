@@ -41,6 +41,9 @@ def make_cluster(
     started: list[LocalCluster] = []
 
     def make(replicas: int = 3, **kwargs: object) -> LocalCluster:
+        # Tests send in bursts far above a person's typing speed; the rate limit has its own tests.
+        env = {"CHORUS_RATE_LIMIT": "5000", "CHORUS_RATE_BURST": "5000", **kwargs.pop("env", {})}  # type: ignore[dict-item]
+        kwargs["env"] = env
         cluster = LocalCluster(
             replicas,
             redis=redis,

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import signal
-import socket
-import struct
 import subprocess
 import time
 
@@ -15,6 +11,7 @@ import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 
+import wsraw
 from chat import Chat, texts
 from chorus.devcluster import LocalCluster, RedisServer, find_binary, http_status
 
@@ -142,52 +139,6 @@ async def test_resume_on_another_replica_after_sigkill(cluster: LocalCluster) ->
     await other.close()
 
 
-def _raw_ws(port: int, path: str) -> socket.socket:
-    """A WebSocket client that completes the handshake and then never reads."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
-def _read_close_code(sock: socket.socket, timeout: float) -> int | None:
-    """Read frames until a close frame; return its code."""
-    sock.settimeout(timeout)
-    buf = b""
-
-    def need(n: int) -> bytes:
-        nonlocal buf
-        while len(buf) < n:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed without a close frame")
-            buf += chunk
-        out, buf = buf[:n], buf[n:]
-        return out
-
-    while True:
-        b0, b1 = need(2)
-        length = b1 & 0x7F
-        if length == 126:
-            (length,) = struct.unpack("!H", need(2))
-        elif length == 127:
-            (length,) = struct.unpack("!Q", need(8))
-        payload = need(length)
-        if b0 & 0x0F == 0x8:
-            return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
-
-
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -202,7 +153,7 @@ async def test_slow_consumer_is_closed_with_1013_and_memory_stays_bounded(
     cluster: LocalCluster = make_cluster(1, env={"CHORUS_SEND_QUEUE_SIZE": "64"})  # type: ignore[operator]
     port = cluster.replica_ports[0]
     url = cluster.replica_url(0).replace("http", "ws")
-    slow = _raw_ws(port, "/ws/flood?username=slow&history=0")
+    slow = wsraw.handshake(port, "/ws/flood?username=slow&history=0", rcvbuf=4096)
     fast = await Chat.join(url, "flood", username="fast", history=0)
     sender = await Chat.join(url, "flood", username="sender", history=0)
     pid = cluster.replicas[0].pid
@@ -220,7 +171,7 @@ async def test_slow_consumer_is_closed_with_1013_and_memory_stays_bounded(
     grown = rss_kib(pid) - before
     # 10 MB went through; a replica that buffered it for the slow reader would hold it.
     assert grown < 5000, f"replica RSS grew by {grown} KiB"
-    assert await asyncio.to_thread(_read_close_code, slow, 20) == 1013
+    assert await asyncio.to_thread(wsraw.read_close_code, slow, 20) == 1013
     slow.close()
     async with httpx.AsyncClient() as http:
         metrics = (await http.get(cluster.replica_url(0) + "/metrics")).text

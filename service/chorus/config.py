@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import socket
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CHORUS_"
 REDIS_SCHEMES = ("redis", "rediss")
@@ -43,6 +44,56 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "text"
 
+    # -- Security (docs/security.md). HS256 secret; when set (or the public key), a JWT is required.
+    auth_jwt_secret: SecretStr | None = None
+    # -- Path to a PEM public key (RS256/ES256); alternative to the secret.
+    auth_jwt_public_key: Path | None = None
+    # -- Origins allowed to open WebSockets; empty: the Host's own origin only. No Origin header: allowed.
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    rate_limit: float = Field(10.0, gt=0, le=10_000)
+    rate_burst: int = Field(20, ge=1, le=100_000)
+    # -- Seconds a client may stay over the rate limit before it is closed with 1008.
+    rate_flood_seconds: float = Field(5.0, gt=0, le=3600)
+    # -- WebSockets per replica (HTTP 503 beyond); 0: no limit.
+    max_connections: int = Field(10_000, ge=0, le=1_000_000)
+    # -- WebSockets per user name across the cluster (HTTP 429 beyond); 0: no limit.
+    max_connections_per_user: int = Field(20, ge=0, le=100_000)
+    # -- How long a dead replica's connections still count against their users' limit.
+    connection_lease_seconds: float = Field(30.0, ge=1, le=3600)
+    ping_interval_seconds: float = Field(20.0, gt=0, le=3600)
+    ping_timeout_seconds: float = Field(20.0, gt=0, le=3600)
+    # -- A connection that has not sent its whole HTTP request head by then is closed.
+    handshake_timeout_seconds: float = Field(10.0, gt=0, le=600)
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            for origin in value:
+                parts = urlsplit(str(origin))
+                if origin != "*" and (
+                    parts.scheme not in ("http", "https") or not parts.netloc or parts.path
+                ):
+                    raise ValueError(f"{origin!r} is not an origin like https://chat.example.com")
+            return [str(origin).rstrip("/").lower() for origin in value]
+        return value
+
+    @field_validator("auth_jwt_secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < 32:
+            raise ValueError("must be at least 32 bytes (HS256 keys shorter than the hash are guessable)")
+        return value
+
+    @field_validator("auth_jwt_public_key")
+    @classmethod
+    def _check_public_key(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
     @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
@@ -61,6 +112,16 @@ class Settings(BaseSettings):
                 "or leave it empty for the in-process broker"
             )
         return value
+
+    @model_validator(mode="after")
+    def _check_auth_choice(self) -> Settings:
+        if self.auth_jwt_secret is not None and self.auth_jwt_public_key is not None:
+            raise ValueError(f"set {ENV_PREFIX}AUTH_JWT_SECRET or {ENV_PREFIX}AUTH_JWT_PUBLIC_KEY, not both")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth_jwt_secret is not None or self.auth_jwt_public_key is not None
 
     @model_validator(mode="after")
     def _check_frame_cap(self) -> Settings:

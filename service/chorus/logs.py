@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 
@@ -38,6 +39,25 @@ class _DenialNoiseFilter(logging.Filter):
         return record.getMessage() != "ASGI callable returned without completing handshake."
 
 
+_TOKEN = re.compile(r"((?:^|[?&])token=)[^&\s\"']+")
+
+
+def redact(text: str) -> str:
+    """Hide `token=` query values: access logs print request paths with their query."""
+    return _TOKEN.sub(r"\1***", text)
+
+
+class _RedactTokens(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "token=" in record.msg:
+            record.msg = redact(record.msg)
+        if record.args and isinstance(record.args, tuple):
+            record.args = tuple(
+                redact(arg) if isinstance(arg, str) and "token=" in arg else arg for arg in record.args
+            )
+        return True
+
+
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stdout)
     if settings.log_format == "json":
@@ -51,3 +71,5 @@ def configure_logging(settings: Settings) -> None:
         logger.setLevel(level)
         logger.propagate = False
     logging.getLogger("uvicorn.error").addFilter(_DenialNoiseFilter())
+    for name in ("uvicorn.error", "uvicorn.access", "gunicorn.access", "gunicorn.error"):
+        logging.getLogger(name).addFilter(_RedactTokens())

@@ -63,12 +63,19 @@ SEND_QUEUE_DEPTH = Gauge(
 BUILD_INFO = Gauge("chorus_build_info", "Chorus version.", ["version"], multiprocess_mode="livemax")
 BUILD_INFO.labels(version=__version__).set(1)
 
+REJECTIONS = Counter(
+    "chorus_rejections",
+    "Handshakes refused and sockets closed for breaking a rule, by reason (a closed set of values).",
+    ["reason"],
+)
+
 # Drop reasons (bounded label values).
 DROP_SLOW_CONSUMER: Final = "slow_consumer"
 DROP_TOO_LARGE: Final = "too_large"
 DROP_INVALID: Final = "invalid"
 DROP_BROKER_UNAVAILABLE: Final = "broker_unavailable"
 DROP_UNDECODABLE: Final = "undecodable"
+DROP_RATE_LIMITED: Final = "rate_limited"
 
 
 def render() -> tuple[bytes, str]:

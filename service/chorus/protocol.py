@@ -35,6 +35,7 @@ CLOSE_TRY_AGAIN_LATER: Final = 1013  # slow consumer: the send queue overflowed
 ERROR_INVALID: Final = "invalid"
 ERROR_TOO_LARGE: Final = "too_large"
 ERROR_UNAVAILABLE: Final = "unavailable"
+ERROR_RATE_LIMITED: Final = "rate_limited"
 
 _MESSAGE_PREFIX: Final = b'{"type":"message","id":"'
 _PRESENCE_PREFIX: Final = b'{"type":"presence",'
@@ -174,10 +175,11 @@ def parse_client_frame(raw: str, *, max_message_bytes: int) -> ClientMessage:
     """
     body: object = None
     if raw[:1] == "{":
+        # Meant as JSON: a broken object is an error, not a message to post as it is.
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            body = None
+            raise ProtocolError(ERROR_INVALID, "the frame starts with '{' but is not valid JSON") from None
     if not isinstance(body, dict):
         return ClientMessage(_checked_text(raw, max_message_bytes, None))
     client_id = body.get("client_id")

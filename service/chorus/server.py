@@ -16,6 +16,7 @@ from types import FrameType
 from typing import Any, ClassVar
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
 from .config import Settings
@@ -34,6 +35,57 @@ UVICORN_OPTIONS: dict[str, Any] = {
     "proxy_headers": True,
     "server_header": False,
 }
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """httptools protocol that drops a connection whose request head does not arrive in time.
+
+    uvicorn has no such deadline for a new connection, so a client that opens a socket and
+    trickles bytes (or nothing) would hold it forever.
+    """
+
+    head_timeout: ClassVar[float] = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            self.head_timeout, self._head_timed_out
+        )
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _cancel_head_timer(self) -> None:
+        timer = getattr(self, "_head_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.logger.info("closing a connection that sent no complete request in %.0fs", self.head_timeout)
+            self.transport.close()
+
+
+def guarded_http(timeout: float) -> type[GuardedHttpProtocol]:
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"head_timeout": timeout})
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn settings that come from Chorus settings."""
+    return {
+        "http": guarded_http(settings.handshake_timeout_seconds),
+        "ws_max_size": settings.max_frame_bytes,
+        "ws_ping_interval": settings.ping_interval_seconds,
+        "ws_ping_timeout": settings.ping_timeout_seconds,
+        "timeout_graceful_shutdown": 5,
+    }
 
 
 class ChorusServer(uvicorn.Server):
@@ -67,15 +119,8 @@ def serve_uvicorn(settings: Settings, *, host: str, port: int) -> None:
     """Run one process: uvicorn with the Chorus app, draining on SIGTERM."""
     from .app import create_app
 
-    config = uvicorn.Config(
-        create_app(settings),
-        host=host,
-        port=port,
-        ws_max_size=settings.max_frame_bytes,
-        log_config=None,
-        timeout_graceful_shutdown=5,
-        **UVICORN_OPTIONS,
-    )
+    options = {**UVICORN_OPTIONS, **server_options(settings)}
+    config = uvicorn.Config(create_app(settings), host=host, port=port, log_config=None, **options)
     ChorusServer(config).run()
 
 
@@ -90,8 +135,8 @@ class ChorusWorker(UvicornWorker):
         super().__init__(*args, **kwargs)
         from .config import load_settings
 
-        self.config.ws_max_size = load_settings().max_frame_bytes
-        self.config.timeout_graceful_shutdown = 5
+        for key, value in server_options(load_settings()).items():
+            setattr(self.config, key, value)
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi

@@ -1,0 +1,79 @@
+"""The replica's long-lived parts, shared by the HTTP routes and the WebSocket sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TypedDict
+
+from fastapi import Request, WebSocket
+
+from .broker import Broker
+from .config import Settings
+from .health import Health
+from .hub import Hub
+from .limits import UserLimiter
+from .presence import Presence
+from .protocol import CLOSE_SERVICE_RESTART
+from .security import Gatekeeper
+
+log = logging.getLogger("chorus.runtime")
+
+
+@dataclass
+class Runtime:
+    """The replica's long-lived parts, built in the lifespan."""
+
+    settings: Settings
+    broker: Broker
+    hub: Hub
+    health: Health
+    presence: Presence
+    gatekeeper: Gatekeeper
+    limiter: UserLimiter
+    # Sockets accepted or being accepted on this replica (the CHORUS_MAX_CONNECTIONS count).
+    sockets: int = 0
+    tag_prefix: bytes = field(default_factory=lambda: secrets.token_hex(4).encode())
+    _tags: itertools.count[int] = field(default_factory=itertools.count)
+    _drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def next_tag(self) -> bytes:
+        return b"%s.%d" % (self.tag_prefix, next(self._tags))
+
+    async def drain(self) -> None:
+        """Stop taking sockets, close open ones with 1012 spread over the drain window."""
+        if self.health.draining:
+            await self._drained.wait()
+            return
+        self.health.draining = True
+        window = self.settings.drain_seconds
+        conns = list(self.hub.connections)
+        log.info("draining: closing %d WebSockets over %.1fs", len(conns), window)
+        # Spread the closes so the clients' reconnects do not land on the other replicas at once.
+        delays = sorted(random.uniform(0, window) for _ in conns)
+        started = time.monotonic()
+        random.shuffle(conns)
+        for conn, delay in zip(conns, delays, strict=True):
+            await asyncio.sleep(max(0.0, delay - (time.monotonic() - started)))
+            conn.close_after_flush(CLOSE_SERVICE_RESTART, "replica draining")
+        deadline = time.monotonic() + 5.0
+        while self.hub.connections and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
+            await asyncio.sleep(0.05)
+        for conn in list(self.hub.connections):
+            conn.close(CLOSE_SERVICE_RESTART, "replica draining")
+        log.info("drain complete")
+        self._drained.set()
+
+
+class State(TypedDict):
+    chorus: Runtime
+
+
+def runtime_of(conn: Request | WebSocket) -> Runtime:
+    runtime: Runtime = conn.state.chorus
+    return runtime

@@ -1,0 +1,220 @@
+"""One WebSocket session: the handshake gate, the join, the receive loop, the goodbye."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any
+
+from fastapi import WebSocket
+from fastapi.responses import JSONResponse
+from starlette.websockets import WebSocketState
+
+from . import metrics
+from .broker import BrokerUnavailable
+from .hub import Connection
+from .presence import Member
+from .protocol import (
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_POLICY,
+    CLOSE_UNSUPPORTED_DATA,
+    DEFAULT_HISTORY,
+    ERROR_RATE_LIMITED,
+    ERROR_UNAVAILABLE,
+    MAX_HISTORY,
+    ROOM_RE,
+    USERNAME_RE,
+    ProtocolError,
+    ack_frame,
+    error_frame,
+    message_tail,
+    parse_client_frame,
+    parse_since,
+    welcome_frame,
+)
+from .runtime import Runtime
+from .security import Identity, Rejection, TokenBucket
+from .sockets import close_now
+
+log = logging.getLogger("chorus.session")
+
+
+async def serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> None:
+    """Run one WebSocket from handshake to close."""
+    try:
+        identity, subprotocol, history = _admit(websocket, room, runtime)
+    except Rejection as rejection:
+        metrics.REJECTIONS.labels(rejection.reason).inc()
+        await websocket.send_denial_response(
+            JSONResponse({"detail": rejection.detail}, status_code=rejection.status)
+        )
+        return
+    tag = runtime.next_tag()
+    runtime.sockets += 1
+    try:
+        if not await runtime.limiter.acquire(identity.user, tag.decode()):
+            metrics.REJECTIONS.labels("max_connections_per_user").inc()
+            limit = runtime.settings.max_connections_per_user
+            detail = f"{identity.user} already has {limit} connections open"
+            await websocket.send_denial_response(JSONResponse({"detail": detail}, status_code=429))
+            return
+        try:
+            await _session(websocket, room, runtime, identity, subprotocol, history, tag)
+        finally:
+            await runtime.limiter.release(identity.user, tag.decode())
+    finally:
+        runtime.sockets -= 1
+
+
+def _admit(websocket: WebSocket, room: str, runtime: Runtime) -> tuple[Identity, str | None, int]:
+    """Every check that happens before accept(); raises Rejection. No Redis work here."""
+    settings = runtime.settings
+    params = websocket.query_params
+    if not ROOM_RE.match(room):
+        raise Rejection(400, "bad_request", f"room must match {ROOM_RE.pattern}")
+    runtime.gatekeeper.check_origin(websocket.headers)
+    identity, subprotocol = runtime.gatekeeper.identify(websocket.headers, dict(params), room)
+    if not identity.user:
+        identity = Identity(f"anon-{secrets.token_hex(2)}")
+    if not USERNAME_RE.match(identity.user):
+        raise Rejection(400, "bad_request", f"username must match {USERNAME_RE.pattern}")
+    try:
+        history = int(params.get("history", DEFAULT_HISTORY))
+        if not 0 <= history <= MAX_HISTORY:
+            raise ValueError
+    except ValueError:
+        raise Rejection(
+            400, "bad_request", f"history must be a whole number from 0 to {MAX_HISTORY}"
+        ) from None
+    if runtime.health.draining:
+        raise Rejection(503, "draining", "this replica is draining; reconnect")
+    if settings.max_connections and runtime.sockets >= settings.max_connections:
+        raise Rejection(503, "max_connections", "this replica is full; reconnect")
+    return identity, subprotocol, history
+
+
+async def _session(
+    websocket: WebSocket,
+    room: str,
+    runtime: Runtime,
+    identity: Identity,
+    subprotocol: str | None,
+    history: int,
+    tag: bytes,
+) -> None:
+    settings = runtime.settings
+    params = websocket.query_params
+    resume = "since" in params
+    since = parse_since(params.get("since"))
+    user = identity.user
+
+    await websocket.accept(subprotocol=subprotocol)
+    metrics.CONNECTIONS.inc()
+    metrics.CONNECTIONS_OPENED.inc()
+    conn = Connection(
+        room=room,
+        user=user,
+        tag=tag,
+        limit=settings.send_queue_size,
+        send=websocket.send_text,
+        close=lambda code, reason: _close(websocket, code, reason),
+    )
+    conn.start()
+    expiry = _close_at_expiry(conn, identity)
+    close_code: Any = "none"
+    hub = runtime.hub
+    member = Member(room, user, tag.decode())
+    bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
+    try:
+        try:
+            await hub.join(conn)
+            online = await runtime.presence.join(member)
+            conn.offer(welcome_frame(room, user, settings.replica_name, online), force=True)
+            await hub.replay(conn, since=since, resume=resume, history=history)
+        except BrokerUnavailable as exc:
+            log.warning("cannot join %s: %s", room, exc)
+            conn.close(CLOSE_INTERNAL_ERROR, "broker unavailable")
+        while not conn.closing:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                close_code = message.get("code", 1005)
+                break
+            text = message.get("text")
+            if text is None:
+                metrics.REJECTIONS.labels("binary").inc()
+                conn.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported")
+                break
+            metrics.MESSAGES_RECEIVED.inc()
+            if not bucket.take():
+                _rate_limited(conn, bucket, settings.rate_flood_seconds, text)
+                continue
+            await _handle_text(runtime, conn, text)
+    finally:
+        if expiry is not None:
+            expiry.cancel()
+        hub.leave(conn)
+        await runtime.presence.leave(member)
+        if conn.closing and conn.closed_with is not None:
+            close_code = conn.closed_with
+        await conn.wait_closed()
+        metrics.CONNECTIONS.dec()
+        metrics.CONNECTIONS_CLOSED.labels(str(close_code)).inc()
+        if close_code in (1007, 1009):
+            metrics.REJECTIONS.labels("invalid_utf8" if close_code == 1007 else "frame_too_large").inc()
+        if websocket.application_state == WebSocketState.CONNECTED and not conn.closing:
+            try:
+                await websocket.close()
+            except Exception:  # the peer is gone; nothing to tell it
+                pass
+
+
+def _close_at_expiry(conn: Connection, identity: Identity) -> asyncio.TimerHandle | None:
+    """A socket may not outlive its token: close it with 1008 when the token expires."""
+    if identity.expires_at is None:
+        return None
+    delay = max(0.0, identity.expires_at - time.time())
+    return asyncio.get_running_loop().call_later(delay, conn.close, CLOSE_POLICY, "token expired")
+
+
+def _rate_limited(conn: Connection, bucket: TokenBucket, flood_seconds: float, text: str) -> None:
+    metrics.MESSAGES_DROPPED.labels(metrics.DROP_RATE_LIMITED).inc()
+    if bucket.flooding_for() >= flood_seconds:
+        metrics.REJECTIONS.labels("flood").inc()
+        log.info("closing %s in %s: over the rate limit for %.0fs", conn.user, conn.room, flood_seconds)
+        conn.close(CLOSE_POLICY, "rate limit exceeded")
+        return
+    try:
+        client_id = parse_client_frame(text, max_message_bytes=len(text) * 4 + 1).client_id
+    except ProtocolError as exc:
+        client_id = exc.client_id
+    conn.offer(error_frame(ERROR_RATE_LIMITED, "slow down: the message was not sent", client_id))
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    if not close_now(websocket.scope, code, reason):
+        await websocket.close(code, reason)
+
+
+async def _handle_text(runtime: Runtime, conn: Connection, text: str) -> None:
+    settings = runtime.settings
+    try:
+        message = parse_client_frame(text, max_message_bytes=settings.max_message_bytes)
+    except ProtocolError as exc:
+        metrics.MESSAGES_DROPPED.labels(exc.code).inc()
+        conn.offer(error_frame(exc.code, exc.detail, exc.client_id))
+        return
+    tail = message_tail(
+        room=conn.room, user=conn.user, text=message.text, ts=time.time(), replica=settings.replica_name
+    )
+    try:
+        msg_id = await runtime.broker.append(conn.room, tail, conn.tag)
+    except BrokerUnavailable as exc:
+        metrics.MESSAGES_DROPPED.labels(metrics.DROP_BROKER_UNAVAILABLE).inc()
+        log.warning("message from %s in %s not sent: %s", conn.user, conn.room, exc)
+        detail = "the message was not sent: the broker is unavailable"
+        conn.offer(error_frame(ERROR_UNAVAILABLE, detail, message.client_id))
+        return
+    metrics.MESSAGES_PUBLISHED.inc()
+    conn.offer(ack_frame(msg_id.decode(), message.client_id))
