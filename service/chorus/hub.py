@@ -30,6 +30,7 @@ from .protocol import (
     decode_published,
     resync_frame,
 )
+from .sockets import FrameWriter
 
 log = logging.getLogger("chorus.hub")
 
@@ -58,6 +59,7 @@ class Connection:
         "send",
         "tag",
         "user",
+        "writer",
     )
 
     def __init__(
@@ -75,6 +77,7 @@ class Connection:
         self.tag = tag
         self.limit = limit
         self.send = send
+        self.writer = FrameWriter.for_send(send)
         self.on_close = close
         self.queue: deque[str] = deque()
         # While the join replays history, live messages wait here (bounded like the queue);
@@ -187,8 +190,15 @@ class Connection:
     async def _run_sender(self) -> None:
         queue = self.queue
         send = self.send
+        writer = self.writer
         try:
             while True:
+                if writer is not None:
+                    # The whole backlog in one write, once uvicorn's flow control allows.
+                    while queue:
+                        await writer.wait_writable()
+                        writer.write(queue)
+                        queue.clear()
                 while queue:
                     await send(queue.popleft())
                 if self.close_code is not None:
