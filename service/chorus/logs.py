@@ -39,6 +39,23 @@ class _DenialNoiseFilter(logging.Filter):
         return record.getMessage() != "ASGI callable returned without completing handshake."
 
 
+class _ClientFaultFilter(logging.Filter):
+    """A client's invalid UTF-8 is its fault, not the server's: log one INFO line, no traceback.
+
+    uvicorn logs it at ERROR with a traceback (and closes with 1007, which is right), so any
+    client could flood the error log and page operators.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.levelno >= logging.ERROR
+            and record.getMessage() == "Invalid UTF-8 sequence received from client."
+        ):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 _TOKEN = re.compile(r"((?:^|[?&])token=)[^&\s\"']+")
 
 
@@ -71,5 +88,6 @@ def configure_logging(settings: Settings) -> None:
         logger.setLevel(level)
         logger.propagate = False
     logging.getLogger("uvicorn.error").addFilter(_DenialNoiseFilter())
+    logging.getLogger("uvicorn.error").addFilter(_ClientFaultFilter())
     for name in ("uvicorn.error", "uvicorn.access", "gunicorn.access", "gunicorn.error"):
         logging.getLogger(name).addFilter(_RedactTokens())

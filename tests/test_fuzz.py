@@ -1,0 +1,122 @@
+"""Random abuse against a running replica: it stays up, ready and fair, and gives memory back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+import wsraw
+from chat import Chat
+from chorus.devcluster import LocalCluster, http_status
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+FUZZ_SECONDS = 6.0
+FUZZ_THREADS = 4
+MAX_CONNECTIONS_PER_THREAD = 400
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def random_payload(rng: random.Random) -> bytes:
+    kind = rng.randrange(9)
+    if kind == 0:  # binary frame: 1003
+        return wsraw.frame(0x2, os.urandom(rng.randrange(1, 200)))
+    if kind == 1:  # broken UTF-8: 1007
+        return wsraw.frame(0x1, b"ok \xc3\x28 \xff" + os.urandom(rng.randrange(50)))
+    if kind == 2:  # over the frame cap: 1009 before the body is buffered
+        return wsraw.frame(0x1, b"x" * rng.choice([70_000, 200_000]))
+    if kind == 3:  # deep JSON
+        return wsraw.frame(0x1, b'{"a":' * rng.randrange(100, 3000))
+    if kind == 4:  # control characters and odd Unicode as text
+        return wsraw.frame(0x1, "".join(chr(rng.randrange(0, 0x2FF)) for _ in range(50)).encode())
+    if kind == 5:  # a burst far over the rate limit
+        return b"".join(wsraw.frame(0x1, b"spam %d" % i) for i in range(rng.randrange(50, 400)))
+    if kind == 6:  # reserved opcode: protocol error
+        return wsraw.frame(rng.choice([0x3, 0x7, 0xB]), b"??")
+    if kind == 7:  # a fragment that never ends
+        return wsraw.frame(0x1, b"part", fin=False)
+    return os.urandom(rng.randrange(1, 300))  # not even a frame
+
+
+def fuzz_worker(port: int, seed: int, stop_at: float, counts: list[int]) -> None:
+    rng = random.Random(seed)
+    opened = 0
+    while time.monotonic() < stop_at and opened < MAX_CONNECTIONS_PER_THREAD:
+        try:
+            sock = wsraw.handshake(port, f"/ws/fuzz?username=f{seed}-{opened}&history=0")
+        except (OSError, AssertionError):
+            time.sleep(0.01)
+            continue
+        opened += 1
+        sock.settimeout(0.5)
+        try:
+            for _ in range(rng.randrange(1, 6)):
+                sock.sendall(random_payload(rng))
+                counts[0] += 1
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
+async def test_fuzzed_replica_stays_up_fair_and_bounded(make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster(1, env={"CHORUS_RATE_LIMIT": "10", "CHORUS_RATE_BURST": "20"})
+    port = cluster.replica_ports[0]
+    url = cluster.replica_url(0)
+    pid = cluster.replicas[0].pid
+    receiver = await Chat.join(url.replace("http", "ws"), "fuzz", username="good-receiver", history=0)
+    sender = await Chat.join(url.replace("http", "ws"), "fuzz", username="good-sender", history=0)
+    baseline = rss_kib(pid)
+
+    counts = [0]
+    stop_at = time.monotonic() + FUZZ_SECONDS
+    threads = [
+        threading.Thread(target=fuzz_worker, args=(port, seed, stop_at, counts), daemon=True)
+        for seed in range(FUZZ_THREADS)
+    ]
+    for thread in threads:
+        thread.start()
+    good = 40
+    for i in range(good):  # well within the rate limit: 8 per second
+        await sender.send(f"good-{i}")
+        await asyncio.sleep(0.125)
+    for thread in threads:
+        await asyncio.to_thread(thread.join, FUZZ_SECONDS + 10)
+    assert counts[0] > 100, "the fuzzer did send"
+
+    deadline = time.monotonic() + 20
+    def from_sender() -> list[str]:
+        return [f["text"] for f in receiver.of("message") if f["user"] == "good-sender"]
+
+    while len(from_sender()) < good:
+        assert time.monotonic() < deadline, f"the well-behaved client got {len(from_sender())}/{good}"
+        await receiver.drain_for(0.2)
+    assert from_sender() == [f"good-{i}" for i in range(good)], "every message, once, in order"
+    assert len(await sender.collect(good, kind="ack")) == good
+
+    assert cluster.replicas[0].alive()
+    assert http_status(url + "/readyz") == 200
+    # Memory: closed connections give back what they held (allow for allocator slack).
+    settle = time.monotonic() + 15
+    while (grown := rss_kib(pid) - baseline) > 30_000 and time.monotonic() < settle:
+        await asyncio.sleep(0.5)
+    assert grown < 30_000, f"replica RSS still {grown} KiB above its baseline"
+    with socket.create_connection(("127.0.0.1", port)) as probe:
+        probe.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert probe.recv(12) == b"HTTP/1.1 200"
+    for chat in (receiver, sender):
+        await chat.close()

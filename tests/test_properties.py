@@ -1,0 +1,112 @@
+"""Property-based tests: the frame parser and the settings parser never fail in an unplanned way."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chorus.config import SettingsError, load_settings
+from chorus.protocol import (
+    ERROR_INVALID,
+    ERROR_TOO_LARGE,
+    ProtocolError,
+    decode_published,
+    encode_published,
+    message_frame,
+    message_tail,
+    parse_client_frame,
+)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(st.text(max_size=300), st.integers(min_value=1, max_value=200))
+def test_any_text_frame_is_a_message_or_a_protocol_error(raw: str, limit: int) -> None:
+    try:
+        message = parse_client_frame(raw, max_message_bytes=limit)
+    except ProtocolError as exc:
+        assert exc.code in (ERROR_INVALID, ERROR_TOO_LARGE)
+        return
+    assert message.text.strip()
+    assert len(message.text.encode()) <= limit
+
+
+@given(
+    st.dictionaries(st.sampled_from(["type", "text", "client_id", "extra"]), json_values, max_size=4),
+)
+def test_any_json_object_is_a_message_or_a_protocol_error(body: dict[str, object]) -> None:
+    raw = json.dumps(body)
+    try:
+        message = parse_client_frame(raw, max_message_bytes=4096)
+    except ProtocolError as exc:
+        assert exc.code in (ERROR_INVALID, ERROR_TOO_LARGE)
+        if isinstance(body.get("client_id"), str) and len(str(body["client_id"])) <= 64:
+            assert exc.client_id == body["client_id"]
+        return
+    assert body.get("type") == "message" and message.text == body["text"]
+
+
+@given(
+    st.text(min_size=1, max_size=200).filter(str.strip),
+    st.from_regex(r"[A-Za-z0-9_.-]{1,32}", fullmatch=True),
+)
+def test_what_a_replica_publishes_decodes_to_the_same_frame(text: str, user: str) -> None:
+    tail = message_tail(room="r", user=user, text=text, ts=1.5, replica="x")
+    frame = message_frame(b"17-4", tail)
+    published = decode_published(encode_published(b"ab.3", frame))
+    assert orjson.loads(published.frame) == {
+        "type": "message", "id": "17-4", "ts": 1.5, "room": "r", "user": user, "text": text, "replica": "x",
+    }  # fmt: skip
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_pubsub_payloads_never_escape_as_other_errors(payload: bytes) -> None:
+    try:
+        decode_published(payload)
+    except (ValueError, UnicodeDecodeError):
+        pass
+
+
+ENV_NAMES = [
+    "CHORUS_HISTORY_SIZE",
+    "CHORUS_SEND_QUEUE_SIZE",
+    "CHORUS_MAX_MESSAGE_BYTES",
+    "CHORUS_MAX_FRAME_BYTES",
+    "CHORUS_DRAIN_SECONDS",
+    "CHORUS_REDIS_URL",
+    "CHORUS_LOG_FORMAT",
+    "CHORUS_ALLOWED_ORIGINS",
+    "CHORUS_RATE_LIMIT",
+    "CHORUS_AUTH_JWT_SECRET",
+    "CHORUS_MAX_CONNECTIONS",
+]
+
+
+@settings(max_examples=200)
+@given(st.dictionaries(st.sampled_from(ENV_NAMES), st.text(max_size=40), max_size=4))
+def test_any_environment_gives_settings_or_one_line_naming_a_variable(env: dict[str, str]) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ENV_NAMES:
+            patch.delenv(name, raising=False)
+        for name, value in env.items():
+            if "\x00" in value:
+                continue  # the OS cannot carry NUL in an environment variable
+            patch.setenv(name, value)
+        try:
+            load_settings()
+        except SettingsError as exc:
+            message = str(exc)
+            assert "\n" not in message and "CHORUS_" in message
+            secret = env.get("CHORUS_AUTH_JWT_SECRET")
+            if secret and len(secret) > 3:
+                assert secret not in message
