@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from chorus.devcluster import LocalCluster, RedisServer
+from chorus.devcluster import LocalCluster, Process, RedisServer, free_port, http_status, wait_until
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +59,32 @@ def make_cluster(
     yield make
     for cluster in started:
         cluster.stop()
+
+
+@dataclass
+class MemoryReplica:
+    url: str
+    process: Process
+
+
+@pytest.fixture
+def memory_replica(tmp_path: Path) -> Iterator[MemoryReplica]:
+    """One replica on the in-process memory broker (no CHORUS_REDIS_URL): the `make run` mode."""
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "CHORUS_REPLICA_NAME": "solo",
+        "PYTHONUNBUFFERED": "1",
+    }
+    argv = [sys.executable, "-m", "chorus", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    replica = Process("solo", argv, tmp_path / "solo.log", env)
+    replica.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: http_status(url + "/readyz") == 200, 30, "the memory-broker replica")
+        yield MemoryReplica(url, replica)
+    finally:
+        replica.stop()
 
 
 @pytest.fixture

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
 
 from chat import Chat, texts
 from chorus.devcluster import LocalCluster
+from conftest import MemoryReplica
 
 pytestmark = pytest.mark.anyio
 
@@ -140,3 +145,36 @@ async def test_handshake_refuses_bad_room_username_and_history(cluster: LocalClu
         with pytest.raises(InvalidStatus) as info:
             await Chat.join(cluster.ws_url, path.removeprefix("/ws/"))
         assert info.value.response.status_code == 400
+
+
+async def test_memory_broker_replica_serves_a_room_on_its_own(memory_replica: MemoryReplica) -> None:
+    """`make run`: no Redis, one replica; messages, history and resume work, and a warning says so."""
+    base = memory_replica.url.replace("http", "ws")
+    alice = await Chat.join(base, "solo", username="alice")
+    bob = await Chat.join(base, "solo", username="bob")
+    for i in range(5):
+        await alice.send(f"s{i}")
+    got = await bob.collect(5)
+    assert texts(got) == [f"s{i}" for i in range(5)]
+    await bob.close()
+    await alice.send("while bob was away")
+    await alice.collect(6, kind="ack")
+    back = await Chat.join(base, "solo", username="bob", since=got[-1]["id"])
+    assert texts(await back.collect(1)) == ["while bob was away"]
+    async with httpx.AsyncClient() as http:
+        body = (await http.get(memory_replica.url + "/api/rooms/solo/history?limit=2")).json()
+    assert texts(body["messages"]) == ["s4", "while bob was away"]
+    assert "CHORUS_REDIS_URL is not set" in memory_replica.process.output()
+    for chat in (alice, back):
+        await chat.close()
+
+
+def test_bad_setting_stops_serve_with_one_line_naming_it(tmp_path: Path) -> None:
+    env = {"PATH": os.environ.get("PATH", ""), "CHORUS_SEND_QUEUE_SIZE": "lots"}
+    result = subprocess.run(
+        [sys.executable, "-m", "chorus", "serve", "--port", "1"],
+        env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("chorus: error: CHORUS_SEND_QUEUE_SIZE: Input should be a valid integer")

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import signal
-import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
 from chat import Chat
-from chorus.devcluster import LocalCluster, Process, free_port, http_status, wait_until
+from chorus.devcluster import LocalCluster, wait_until
+from conftest import MemoryReplica
 
 pytestmark = pytest.mark.anyio
 
@@ -114,32 +113,12 @@ async def test_a_killed_replica_leaves_presence_within_the_expiry(
         await chat.close()
 
 
-@pytest.fixture
-def memory_replica(tmp_path: Path) -> Iterator[str]:
-    """One replica on the in-process memory broker (no CHORUS_REDIS_URL)."""
-    port = free_port()
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "CHORUS_REPLICA_NAME": "solo",
-        "PYTHONUNBUFFERED": "1",
-    }
-    argv = [sys.executable, "-m", "chorus", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    replica = Process("solo", argv, tmp_path / "solo.log", env)
-    replica.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: http_status(base + "/readyz") == 200, 30, "the memory-broker replica")
-        yield base
-    finally:
-        replica.stop()
-
-
-async def test_memory_broker_presence_behaves_the_same(memory_replica: str) -> None:
-    ws = memory_replica.replace("http", "ws")
+async def test_memory_broker_presence_behaves_the_same(memory_replica: MemoryReplica) -> None:
+    ws = memory_replica.url.replace("http", "ws")
     bob = await Chat.join(ws, "solo", username="bob", history=0)
     tabs = [await Chat.join(ws, "solo", username="alice", history=0) for _ in range(2)]
     assert [bob.welcome["online"], *(t.welcome["online"] for t in tabs)] == [1, 2, 2]
-    assert presence_of(memory_replica, "solo") == {"room": "solo", "online": 2, "users": ["alice", "bob"]}
+    assert presence_of(memory_replica.url, "solo") == {"room": "solo", "online": 2, "users": ["alice", "bob"]}
     await tabs[0].close()
     await settle(tabs[1], bob, text="one tab closed")
     await tabs[1].close()
