@@ -19,11 +19,12 @@ import asyncio
 import logging
 import random
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, cast
-from urllib.parse import unquote, urlsplit
 
 from broadcaster import BroadcastBackend, Event
+
+from .topology import parse_redis_url
 
 log = logging.getLogger("chorus.backend")
 
@@ -114,6 +115,20 @@ class _Incomplete(Exception):
     pass
 
 
+async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *command: bytes | str) -> Any:
+    """One command and its reply, on a connection nothing else reads yet."""
+    writer.write(encode_command(*command))
+    parser = RespParser()
+    while True:
+        data = await asyncio.wait_for(reader.read(4096), CONNECT_TIMEOUT)
+        if not data:
+            raise ConnectionError(f"Redis closed the connection during {command[0]!r}")
+        parser.feed(data)
+        replies = parser.replies()
+        if replies:
+            return replies[0]
+
+
 class RedisPubSubBackend(BroadcastBackend):
     """Redis pub/sub for broadcaster, hardened; see the module docstring."""
 
@@ -122,13 +137,17 @@ class RedisPubSubBackend(BroadcastBackend):
         url: str,
         *,
         on_connection_change: Callable[[bool], None] | None = None,
+        resolve: Callable[[], Awaitable[tuple[str, int]]] | None = None,
     ) -> None:
-        parts = urlsplit(url)
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or 6379
-        self._username = unquote(parts.username) if parts.username else None
-        self._password = unquote(parts.password) if parts.password else None
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "rediss" else None
+        # `resolve` (Sentinel) names the master before each connect; the connection must then
+        # find a master there, and a master that moves is a reconnect.
+        topology = parse_redis_url(url)
+        self._host, self._port = topology.hosts[0]
+        self._resolve = resolve
+        self._address = (self._host, self._port)
+        self._username = topology.username
+        self._password = topology.password or None
+        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if topology.tls else None
         self._on_connection_change = on_connection_change
         self._wanted: set[str] = set()
         # Replies still outstanding per channel: a channel is live once it is wanted and
@@ -246,27 +265,33 @@ class RedisPubSubBackend(BroadcastBackend):
             backoff = min(BACKOFF_CAP, backoff * 2)
 
     async def _open(self) -> asyncio.StreamReader:
+        host, port = (self._host, self._port) if self._resolve is None else await self._resolve()
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self._host, self._port, ssl=self._ssl), CONNECT_TIMEOUT
+            asyncio.open_connection(host, port, ssl=self._ssl), CONNECT_TIMEOUT
         )
         self._writer = writer
         if self._password is not None:
             auth: tuple[bytes | str, ...] = (b"AUTH", self._password)
             if self._username is not None:
                 auth = (b"AUTH", self._username, self._password)
-            writer.write(encode_command(*auth))
-            parser = RespParser()
-            while True:
-                data = await asyncio.wait_for(reader.read(4096), CONNECT_TIMEOUT)
-                if not data:
-                    raise ConnectionError("Redis closed the connection during AUTH")
-                parser.feed(data)
-                replies = parser.replies()
-                if replies:
-                    if isinstance(replies[0], RespError):
-                        raise ConnectionError(f"Redis refused AUTH: {replies[0]}")
-                    break
+            reply = await request(reader, writer, *auth)
+            if isinstance(reply, RespError):
+                raise ConnectionError(f"Redis refused AUTH: {reply}")
+        if self._resolve is not None:
+            # Sentinel may still name a master that has just been demoted (or not yet promoted).
+            role = await request(reader, writer, b"ROLE")
+            if not (isinstance(role, list) and role and role[0] == b"master"):
+                raise ConnectionError(f"{host}:{port} is not a master")
+            self._address = (host, port)
         return reader
+
+    async def _master_moved(self) -> bool:
+        if self._resolve is None:
+            return False
+        try:
+            return await self._resolve() != self._address
+        except ConnectionError:
+            return False  # sentinels unreachable: keep the connection that works
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         parser = RespParser()
@@ -277,6 +302,8 @@ class RedisPubSubBackend(BroadcastBackend):
             except TimeoutError:
                 if self._writer is None:
                     raise ConnectionError("pub/sub connection closed") from None
+                if await self._master_moved():
+                    raise ConnectionError("Sentinel names another master") from None
                 # A PING on a subscribed RESP2 connection is answered with ["pong", ""].
                 self._writer.write(encode_command(b"PING"))
                 data = await asyncio.wait_for(reader.read(262_144), KEEPALIVE_SECONDS)

@@ -16,13 +16,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final
 
-import redis.asyncio as aioredis
 from broadcaster import Broadcast
 from redis.exceptions import RedisError
 
 from .backend import RedisPubSubBackend
 from .config import Settings
 from .protocol import ZERO_ID, StreamId, encode_published, message_frame
+from .shards import ShardedPubSubBackend
+from .topology import SentinelResolver, command_client
 
 log = logging.getLogger("chorus.broker")
 
@@ -33,6 +34,8 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[2]
 redis.call('PUBLISH', KEYS[2], ARGV[3] .. ' {"type":"message","id":"' .. id .. '",' .. string.sub(ARGV[2], 2))
 return id
 """
+# Redis Cluster: the room's channel is a shard channel (its hash tag puts it on the stream's shard).
+APPEND_AND_SPUBLISH: Final = APPEND_AND_PUBLISH.replace("'PUBLISH'", "'SPUBLISH'")
 
 
 def channel_key(room: str) -> str:
@@ -103,22 +106,30 @@ class Broker(ABC):
 
 class RedisBroker(Broker):
     def __init__(self, settings: Settings, *, on_connection_change: Any = None) -> None:
-        self._backend = RedisPubSubBackend(settings.redis_url, on_connection_change=on_connection_change)
-        super().__init__(Broadcast(backend=self._backend))
+        topology = settings.redis_topology
         self._timeout = settings.broker_timeout_seconds
         self._maxlen = str(settings.history_size)
-        self._redis = aioredis.Redis.from_url(
-            settings.redis_url,
-            protocol=2,
-            socket_connect_timeout=self._timeout,
-            socket_timeout=self._timeout,
-            health_check_interval=10,
-        )
-        self._append = self._redis.register_script(APPEND_AND_PUBLISH)
+        self._resolver: SentinelResolver | None = None
+        self._backend: RedisPubSubBackend | ShardedPubSubBackend
+        if topology.cluster:
+            self._backend = ShardedPubSubBackend(topology, on_connection_change=on_connection_change)
+        else:
+            if topology.mode == "sentinel":
+                self._resolver = SentinelResolver(topology, timeout=self._timeout)
+            self._backend = RedisPubSubBackend(
+                settings.redis_url, on_connection_change=on_connection_change, resolve=self._resolver
+            )
+        super().__init__(Broadcast(backend=self._backend))
+        self._publish = "SPUBLISH" if topology.cluster else "PUBLISH"
+        self._redis = command_client(topology, timeout=self._timeout, health_check_interval=10)
+        script = APPEND_AND_SPUBLISH if topology.cluster else APPEND_AND_PUBLISH
+        self._append = self._redis.register_script(script)
 
     async def stop(self) -> None:
         await super().stop()
         await self._redis.aclose()
+        if self._resolver is not None:
+            await self._resolver.aclose()
 
     @property
     def reconnects(self) -> int:
@@ -146,14 +157,13 @@ class RedisBroker(Broker):
         key = stream_key(room)
         if since == ZERO_ID:
             return _entries(await self._call(self._redis.xrange(key, "-", "+", count=limit)))
+        # One XRANGE from the anchor itself: atomic on every topology (a Cluster has no MULTI
+        # across calls here); the anchor missing means history no longer holds `since`.
         start = str(since)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xrange(key, start, start, count=1)
-            pipe.xrange(key, "(" + start, "+", count=limit)
-            anchor, after = await self._call(pipe.execute())
-        if not anchor:
+        rows = await self._call(self._redis.xrange(key, start, "+", count=limit + 1))
+        if not rows or rows[0][0] != start.encode():
             return None
-        return _entries(after)
+        return _entries(rows[1:])
 
     async def recent(self, room: str, count: int) -> list[Entry]:
         if count <= 0:
@@ -166,7 +176,7 @@ class RedisBroker(Broker):
         return StreamId.parse(rows[0][0]) if rows else ZERO_ID
 
     async def publish_raw(self, channel: str, payload: bytes) -> None:
-        await self._call(self._redis.publish(channel, payload))
+        await self._call(self._redis.execute_command(self._publish, channel, payload))
 
 
 def _entries(rows: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:

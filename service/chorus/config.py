@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
@@ -9,6 +10,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .topology import Topology, parse_redis_url
 
 ENV_PREFIX = "CHORUS_"
 REDIS_SCHEMES = ("redis", "rediss")
@@ -23,7 +26,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
-    # -- Redis URL (redis:// or rediss://). Empty: the in-process memory broker, one replica only.
+    # -- Redis URL: redis[s]://, redis+sentinel://, redis+cluster:// (see chorus.topology).
+    # Empty: the in-process memory broker, one replica only.
     redis_url: str = ""
     # -- Name shown to clients in frames; the chart sets it from the pod name.
     replica_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
@@ -105,12 +109,7 @@ class Settings(BaseSettings):
         value = value.strip()
         if not value or value == "memory://":
             return ""
-        scheme = urlsplit(value).scheme
-        if scheme not in REDIS_SCHEMES:
-            raise ValueError(
-                f"scheme {scheme or '(none)'!r} is not supported; use redis:// or rediss://, "
-                "or leave it empty for the in-process broker"
-            )
+        parse_redis_url(value)  # raises ValueError with the one sentence saying why
         return value
 
     @model_validator(mode="after")
@@ -137,19 +136,25 @@ class Settings(BaseSettings):
         return bool(self.redis_url)
 
     @property
+    def redis_topology(self) -> Topology:
+        """Standalone, Sentinel or Cluster, parsed from `redis_url` (which must be set)."""
+        return parse_redis_url(self.redis_url)
+
+    @property
     def redis_url_redacted(self) -> str:
         """The Redis URL with any password replaced, safe for logs."""
         return redact_url(self.redis_url) if self.redis_url else "memory://"
 
 
 def redact_url(url: str) -> str:
+    if "sentinel_password=" in url:
+        url = re.sub(r"(sentinel_password=)[^&#]*", r"\1***", url)
     parts = urlsplit(url)
     if parts.password is None:
         return url
     user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    # The host part as written: Sentinel and Cluster URLs list several host:port pairs.
+    host = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
 
 

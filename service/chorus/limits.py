@@ -14,10 +14,10 @@ import logging
 import time
 from typing import Any, Final
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .config import Settings
+from .topology import command_client
 
 log = logging.getLogger("chorus.limits")
 
@@ -70,9 +70,7 @@ class RedisUserLimiter(UserLimiter):
         super().__init__(settings.max_connections_per_user)
         self._timeout = settings.broker_timeout_seconds
         self._lease = settings.connection_lease_seconds
-        self._redis = aioredis.Redis.from_url(
-            settings.redis_url, protocol=2, socket_timeout=self._timeout, socket_connect_timeout=self._timeout
-        )
+        self._redis = command_client(settings.redis_topology, timeout=self._timeout)
         self._acquire = self._redis.register_script(ACQUIRE)
         self._task: asyncio.Task[None] | None = None
 

@@ -21,12 +21,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Final
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .broker import Broker, BrokerUnavailable, channel_key
 from .config import Settings
 from .protocol import encode_published, presence_frame
+from .topology import command_client
 
 log = logging.getLogger("chorus.presence")
 
@@ -186,15 +186,14 @@ class RedisPresence(Presence):
         self.interval = settings.presence_heartbeat_seconds
         self._ttl_ms = int(self.interval * HEARTBEATS_TO_EXPIRE * 1000)
         self._timeout = settings.broker_timeout_seconds
-        self._redis = aioredis.Redis.from_url(
-            settings.redis_url,
-            protocol=2,
-            socket_connect_timeout=self._timeout,
-            socket_timeout=self._timeout,
-        )
-        self._join = self._redis.register_script(JOIN)
-        self._leave = self._redis.register_script(LEAVE)
-        self._reap = self._redis.register_script(REAP)
+        topology = settings.redis_topology
+        self._redis = command_client(topology, timeout=self._timeout)
+        # Each script's keys share the room's hash tag (one slot); in a Cluster the room's
+        # channel is a shard channel, so announcements go out with SPUBLISH.
+        publish = (lambda script: script.replace("'PUBLISH'", "'SPUBLISH'")) if topology.cluster else str
+        self._join = self._redis.register_script(publish(JOIN))
+        self._leave = self._redis.register_script(publish(LEAVE))
+        self._reap = self._redis.register_script(publish(REAP))
         self._local: dict[str, Member] = {}
         self._unremoved: dict[str, Member] = {}
         self._task: asyncio.Task[None] | None = None
