@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+from websockets.protocol import State
 
 RAW_SEND: Final = "chorus.raw_send"
 
@@ -53,20 +54,24 @@ def close_now(scope: Scope, code: int, reason: str) -> bool:
 
 
 class FrameWriter:
-    """Writes a WebSocket's whole send backlog as one transport write.
+    """Writes text frames straight to a WebSocket's transport, several in one write.
 
-    uvicorn's ASGI `send` costs a trip through the middleware stack and a `write` syscall per
-    frame; a fan-out sender that finds several frames queued writes them in one go. Flow
-    control stays uvicorn's: `wait_writable` waits on the protocol's own `writable` event
-    (cleared while the transport buffer is over its high-water mark), so a reader that stops
-    reading still fills its bounded queue and is closed with 1013. Same uvicorn dependency as
-    `close_now`; `for_send` returns None elsewhere and the caller keeps the ASGI send.
+    uvicorn's ASGI `send` costs a trip through the middleware stack, a websockets framing
+    pass and a `write` syscall per frame. A fan-out hands the same frame string to every
+    member, so its bytes on the wire (server frames are not masked) are built once and
+    reused, and a sender that finds a backlog writes it in one go. Flow control stays
+    uvicorn's: `writable` is the protocol's own event, cleared while the transport buffer is
+    over its high-water mark, so a reader that stops reading still fills its bounded queue and
+    is closed with 1013. Same uvicorn dependency as `close_now`; `for_send` returns None
+    elsewhere (or with a compression extension) and the caller keeps the ASGI send.
     """
 
-    __slots__ = ("_protocol",)
+    __slots__ = ("_conn", "_protocol", "_transport")
 
     def __init__(self, protocol: Any) -> None:
         self._protocol = protocol
+        self._conn = protocol.conn
+        self._transport = protocol.transport
 
     @classmethod
     def for_send(cls, send: Any) -> FrameWriter | None:
@@ -74,17 +79,46 @@ class FrameWriter:
         scope = getattr(getattr(send, "__self__", None), "scope", None)
         protocol: Any = getattr(scope.get(RAW_SEND), "__self__", None) if isinstance(scope, dict) else None
         needed = ("conn", "transport", "writable", "close_sent", "disconnected")
-        return cls(protocol) if all(hasattr(protocol, name) for name in needed) else None
+        if not all(hasattr(protocol, name) for name in needed) or getattr(protocol.conn, "extensions", True):
+            return None
+        return cls(protocol)
+
+    def writable(self) -> bool:
+        return bool(self._protocol.writable.is_set())
 
     async def wait_writable(self) -> None:
         await self._protocol.writable.wait()
 
     def write(self, frames: Iterable[str]) -> None:
-        """Frame and write `frames` now; ConnectionError once the socket is closing."""
+        """Write `frames` now, in order; ConnectionError once the socket is closing."""
         protocol = self._protocol
-        if protocol.disconnected or protocol.close_sent or protocol.transport.is_closing():
+        if (
+            protocol.disconnected
+            or protocol.close_sent
+            or self._conn.state is not State.OPEN
+            or self._transport.is_closing()
+        ):
             raise ConnectionError("the WebSocket is closed")
-        conn = protocol.conn
-        for frame in frames:
-            conn.send_text(frame.encode())
-        protocol.transport.write(b"".join(conn.data_to_send()))
+        self._transport.write(b"".join(map(_text_frame, frames)))
+
+
+# The last frame built: a fan-out writes the same string object to every member in turn.
+_last_frame: tuple[object, bytes] = (object(), b"")
+
+
+def _text_frame(text: str) -> bytes:
+    """An unmasked, unfragmented RFC 6455 text frame (what websockets sends for a server)."""
+    global _last_frame
+    if text is _last_frame[0]:
+        return _last_frame[1]
+    data = text.encode()
+    size = len(data)
+    if size < 126:
+        head = bytes((0x81, size))
+    elif size < 65536:
+        head = bytes((0x81, 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, 127)) + size.to_bytes(8, "big")
+    frame = head + data
+    _last_frame = (text, frame)
+    return frame
