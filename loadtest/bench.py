@@ -8,7 +8,8 @@ machine treats both alike:
 
 1. the main curve: 2 replicas, one room of 100 receivers, 10 publishers, open-loop steps of
    rising rate until each implementation fails twice (loss, duplicates or p99 > 50 ms);
-2. a rooms sweep (1, 10, 100, 1,000 rooms over 2,000 receivers) at a fixed delivery rate;
+2. a rooms sweep: 1, 10, 100, 1,000 rooms of 2 receivers each, same total message rate, so
+   only the number of rooms (subscriptions, channels) changes;
 3. a replicas sweep (1, 2, 3) on the main room at a fixed delivery rate;
 4. idle memory: RSS growth of one replica per idle WebSocket at 2,000 connections.
 
@@ -51,8 +52,8 @@ class Plan:
     rates_dps: tuple[int, ...] = (5_000, 10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000)
     max_failures: int = 2
     sweep_rooms: tuple[int, ...] = (1, 10, 100, 1000)
-    sweep_receivers: int = 2000
-    sweep_rooms_dps: int = 6_000
+    sweep_members: int = 2  # receivers per room: fixed, so only the number of rooms changes
+    sweep_rooms_msgs: int = 500
     sweep_replicas: tuple[int, ...] = (1, 2, 3)
     sweep_replicas_dps: int = 10_000
     idle_connections: int = 2000
@@ -61,7 +62,7 @@ class Plan:
 FULL = Plan()
 SMOKE = Plan(
     replicas=1, receivers=4, publishers=2, step_seconds=0.5, rates_dps=(100, 200), max_failures=2,
-    sweep_rooms=(1, 2), sweep_receivers=4, sweep_rooms_dps=100, sweep_replicas=(1, 2),
+    sweep_rooms=(1, 2), sweep_members=2, sweep_rooms_msgs=50, sweep_replicas=(1, 2),
     sweep_replicas_dps=100, idle_connections=20,
 )  # fmt: skip
 
@@ -73,6 +74,7 @@ class Results:
     rooms: list[StepResult] = field(default_factory=list)
     replicas: list[StepResult] = field(default_factory=list)
     memory: list[dict[str, Any]] = field(default_factory=list)
+    retried: list[StepResult] = field(default_factory=list)  # first tries that failed
     started: float = field(default_factory=time.time)
 
 
@@ -116,6 +118,12 @@ async def main_curve(plan: Plan, targets: dict[str, Target], results: Results) -
                     continue
                 step = await load.step(dps / plan.receivers, plan.step_seconds)
                 log(_brief(step))
+                if not step.passed():
+                    # The machine is shared: a step fails only if a second try fails too.
+                    results.retried.append(step)
+                    step = await load.step(dps / plan.receivers, plan.step_seconds)
+                    step.attempt = 2
+                    log(_brief(step) + " (second try)")
                 results.main.append(step)
                 if not step.passed():
                     failures[impl] += 1
@@ -127,12 +135,12 @@ async def main_curve(plan: Plan, targets: dict[str, Target], results: Results) -
 
 
 async def fixed_step(
-    target: Target, scenario: str, rooms: int, receivers: int, dps: int, plan: Plan
+    target: Target, scenario: str, rooms: int, receivers: int, msgs_per_s: float, plan: Plan
 ) -> StepResult:
     per_room = max(1, plan.publishers // rooms)
     load = await _with_load(target, scenario, rooms, receivers, per_room)
     try:
-        step = await load.step(dps / (receivers / rooms), plan.step_seconds)
+        step = await load.step(msgs_per_s, plan.step_seconds)
     finally:
         load.close()
     log(_brief(step))
@@ -205,16 +213,17 @@ async def run(plan: Plan, impls: Sequence[str], workdir: Path) -> Results:
             if replicas == plan.replicas:
                 await main_curve(plan, targets, results)
                 for rooms in plan.sweep_rooms:
+                    receivers = rooms * plan.sweep_members
                     for target in targets.values():
-                        results.rooms.append(
-                            await fixed_step(
-                                target, "rooms", rooms, plan.sweep_receivers, plan.sweep_rooms_dps, plan
-                            )
+                        step = await fixed_step(
+                            target, "rooms", rooms, receivers, plan.sweep_rooms_msgs, plan
                         )
+                        results.rooms.append(step)
             if replicas in plan.sweep_replicas:
                 for target in targets.values():
+                    msgs = plan.sweep_replicas_dps / plan.receivers
                     results.replicas.append(
-                        await fixed_step(target, "replicas", 1, plan.receivers, plan.sweep_replicas_dps, plan)
+                        await fixed_step(target, "replicas", 1, plan.receivers, msgs, plan)
                     )
             if replicas == 1:
                 for target in targets.values():
@@ -258,6 +267,7 @@ def results_json(results: Results) -> str:
             "rooms": [step.as_dict() for step in results.rooms],
             "replicas": [step.as_dict() for step in results.replicas],
             "memory": results.memory,
+            "retried": [step.as_dict() for step in results.retried],
         },
         indent=1,
     )

@@ -49,6 +49,7 @@ class StepResult:
     generator_cores: float
     client_bound: bool
     closed: dict[int, int] = field(default_factory=dict)
+    attempt: int = 1
 
     def passed(self, p99_ms: float = 50.0) -> bool:
         return self.loss == 0 and self.duplicates == 0 and self.p99_ms <= p99_ms and not self.closed
@@ -79,28 +80,34 @@ class Load:
         self.publishers: list[tuple[WsClient, int]] = []
         self.members = [0] * rooms
 
-    def _port(self, index: int) -> int:
-        return self.target.ports[index % len(self.target.ports)]
+    def _port(self, room: int, ordinal: int) -> int:
+        """The n-th member of each room goes to the next replica, as a round-robin balancer
+        without affinity spreads a room: a room with at least R members lives on every replica."""
+        ports = self.target.ports
+        return ports[(room + ordinal) % len(ports)]
 
     async def connect(self) -> None:
         gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
-        async def one(index: int, room: int, receiver: bool) -> WsClient:
+        async def one(room: int, ordinal: int, receiver: bool) -> WsClient:
             # One username per role and room: Chorus announces only a user's first join and
             # last leave, so N distinct joiners would add an N-squared presence storm that is
             # not what this measures (and that the baseline does not have).
             name = "recv" if receiver else "pub"
             path = f"/ws/bench-{room}?username={name}&history=0"
             async with gate:
-                return await open_socket(self._port(index), path, self.tally, receiver=receiver)
+                return await open_socket(self._port(room, ordinal), path, self.tally, receiver=receiver)
 
         rooms = [index % self.rooms for index in range(self.receivers_count)]
         for room in rooms:
             self.members[room] += 1
-        self.receivers = list(await asyncio.gather(*(one(i, room, True) for i, room in enumerate(rooms))))
+        opening = (one(room, index // self.rooms, True) for index, room in enumerate(rooms))
+        self.receivers = list(await asyncio.gather(*opening))
         # A publisher is a separate socket, not a receiver: Chorus acks the sender instead of echoing.
         pub_rooms = [room for room in range(self.rooms) for _ in range(self.publishers_per_room)]
-        clients = await asyncio.gather(*(one(i + 1, room, False) for i, room in enumerate(pub_rooms)))
+        clients = await asyncio.gather(
+            *(one(room, index % self.publishers_per_room + 1, False) for index, room in enumerate(pub_rooms))
+        )
         self.publishers = list(zip(clients, pub_rooms, strict=True))
 
     def close(self) -> None:

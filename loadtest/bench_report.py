@@ -74,6 +74,8 @@ def _steps_table(steps: list[StepResult], columns: str) -> list[str]:
             result += " (closed: " + ", ".join(f"{code}x{count}" for code, count in s.closed.items()) + ")"
         if s.client_bound:
             result += ", client-bound"
+        if s.attempt > 1:
+            result += " (2nd try)"
         if columns == "main":
             cells = [s.impl, _f(s.offered_dps, 0), _f(s.delivered_dps, 0), str(s.loss), str(s.duplicates),
                      _f(s.p50_ms), _f(s.p90_ms), _f(s.p99_ms), _f(s.max_ms)]  # fmt: skip
@@ -103,7 +105,8 @@ def markdown(results: Results, *, smoke: bool) -> str:
         "",
         *_steps_table(results.main, "main"),
         "",
-        f"## Rooms sweep ({plan.sweep_receivers} receivers, {plan.sweep_rooms_dps:,} deliveries/s offered)",
+        f"## Rooms sweep ({plan.sweep_members} receivers per room, "
+        f"{plan.sweep_rooms_msgs:,} messages/s in all)",
         "",
         *_steps_table(results.rooms, "sweep"),
         "",

@@ -87,6 +87,8 @@ class WsClient(asyncio.Protocol):
             self.opened.set_exception(ConnectionError(f"connection lost during handshake: {exc!r}"))
         if not self.welcomed.done():
             self.welcomed.set_exception(ConnectionError("connection lost before welcome"))
+            # Nobody awaits `welcomed` once `opened` failed: do not log it as never retrieved.
+            self.welcomed.exception()
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
