@@ -12,7 +12,15 @@ import pytest
 import redis as redis_sync
 
 from chat import Chat, texts
-from chorus.devcluster import LocalCluster, Process, RedisServer, find_binary, free_port, http_status, wait_until
+from chorus.devcluster import (
+    LocalCluster,
+    Process,
+    RedisServer,
+    find_binary,
+    free_port,
+    http_status,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -37,7 +45,9 @@ class SentinelSetup:
     def start(self) -> None:
         self.master.start()
         self.replica.start()
-        wait_until(lambda: "master_link_status:up" in self.replica.cli("INFO", "replication"), 10, "replication")
+        wait_until(
+            lambda: "master_link_status:up" in self.replica.cli("INFO", "replication"), 10, "replication"
+        )
         for port in self.sentinel_ports:
             conf = self.workdir / f"sentinel-{port}.conf"
             conf.write_text(

@@ -1,0 +1,259 @@
+"""Redis Cluster: sharded pub/sub per room, slot migration and shard failover under traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_sync
+from redis.crc import key_slot
+
+from chat import Chat, texts
+from chorus.devcluster import HarnessError, LocalCluster, RedisServer, find_binary, free_port, wait_until
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    while True:
+        port = free_port()
+        if port <= 55535 and port_free(port + 10000):
+            return port
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class RedisCluster:
+    """Three masters and three replicas, cluster-node-timeout 1 s, created with redis-cli."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.nodes: list[RedisServer] = []
+        for _ in range(6):
+            node = RedisServer(workdir, port=cluster_port())
+            node.extra_args = [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{node.port}.conf",
+                "--cluster-node-timeout", "1000",
+            ]  # fmt: skip
+            self.nodes.append(node)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:3])
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [find_binary("redis-cli"), "--cluster", "create",
+             *(f"127.0.0.1:{node.port}" for node in self.nodes),
+             "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        wait_until(self.healthy, 30, "the Redis Cluster to be ok everywhere")
+
+    def healthy(self) -> bool:
+        try:
+            return all("cluster_state:ok" in node.cli("CLUSTER", "INFO") for node in self.alive())
+        except subprocess.CalledProcessError:
+            return False
+
+    def alive(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.process is not None and node.process.alive()]
+
+    def client(self, node: RedisServer) -> redis_sync.Redis:
+        return redis_sync.Redis(port=node.port, protocol=2, socket_timeout=2)
+
+    def myid(self, node: RedisServer) -> str:
+        return node.cli("CLUSTER", "MYID")
+
+    def masters(self) -> list[RedisServer]:
+        return [node for node in self.alive() if "role:master" in node.cli("INFO", "replication")]
+
+    def owner(self, slot: int) -> RedisServer:
+        with self.client(self.alive()[0]) as client:
+            for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return next(node for node in self.nodes if node.port == int(master[1]))
+        raise HarnessError(f"slot {slot} is not served")
+
+    def shard_channels(self, node: RedisServer) -> set[str]:
+        with self.client(node) as client:
+            return {c.decode() for c in client.execute_command("PUBSUB", "SHARDCHANNELS")}
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.process is not None:
+                node.process.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def chorus(redis_cluster: RedisCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    env = {"CHORUS_REDIS_URL": redis_cluster.url, "CHORUS_RATE_LIMIT": "5000", "CHORUS_RATE_BURST": "5000"}
+    cluster = LocalCluster(
+        2, redis=redis_cluster.nodes[0], env=env, workdir=tmp_path_factory.mktemp("chorus")
+    )
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+def ws(cluster: LocalCluster, index: int) -> str:
+    return cluster.replica_url(index).replace("http", "ws")
+
+
+def channel(room: str) -> str:
+    return f"chorus:msg:{{{room}}}"
+
+
+async def poll(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def test_200_rooms_on_every_shard_once_in_order_and_unsubscribed_after(
+    redis_cluster: RedisCluster, chorus: LocalCluster
+) -> None:
+    rooms = [f"r{i}" for i in range(200)]
+    owners = {room: redis_cluster.owner(key_slot(channel(room).encode())).port for room in rooms}
+    assert len(set(owners.values())) == 3, "the rooms span every shard"
+    left = await asyncio.gather(
+        *(Chat.join(ws(chorus, 0), room, username=f"a{room}", history=0) for room in rooms)
+    )
+    right = await asyncio.gather(
+        *(Chat.join(ws(chorus, 1), room, username=f"b{room}", history=0) for room in rooms)
+    )
+    for i in range(3):
+        for a, b in zip(left, right, strict=True):
+            await a.send(f"a{i}")
+            await b.send(f"b{i}")
+    for chats, other in ((left, "b"), (right, "a")):
+        for chat in chats:
+            got = await chat.collect(3, timeout=20)
+            assert texts(got) == [f"{other}{i}" for i in range(3)], chat.welcome
+    # Each shard carries exactly its own rooms, subscribed once per Chorus replica.
+    for master in redis_cluster.masters():
+        subscribed = {c for c in redis_cluster.shard_channels(master) if c.startswith("chorus:msg:")}
+        assert subscribed == {channel(room) for room in rooms if owners[room] == master.port}
+        with redis_cluster.client(master) as client:
+            counts = client.execute_command("PUBSUB", "SHARDNUMSUB", *sorted(subscribed)[:5])
+        assert all(int(count) == 2 for count in counts[1::2])
+    await asyncio.gather(*(chat.close() for chat in left + right))
+
+    def rooms_left() -> set[str]:
+        return {
+            c for node in redis_cluster.masters() for c in redis_cluster.shard_channels(node)
+            if c.startswith("chorus:msg:")
+        }  # fmt: skip
+
+    await poll(lambda: not rooms_left(), 10, "every room to be unsubscribed after its last member left")
+
+
+async def traffic(sender: Chat, prefix: str, count: int, outcomes: dict[str, str]) -> None:
+    """Send `count` messages one after another; record each one's ack id or error code."""
+    for i in range(count):
+        cid = f"{prefix}{i}"
+        await sender.send(cid, client_id=cid)
+        frame = await sender.wait_for(
+            lambda f, cid=cid: f.get("client_id") == cid and f.get("type") in ("ack", "error"), timeout=10
+        )
+        outcomes[cid] = frame["id"] if frame["type"] == "ack" else "error:" + frame["code"]
+        await asyncio.sleep(0.02)
+
+
+def check_delivery(receiver: Chat, outcomes: dict[str, str]) -> None:
+    """Once each and in order; an acked message missing is only allowed after a resync."""
+    got = texts(receiver.of("message"))
+    assert len(got) == len(set(got)), "no duplicates"
+    acked = [cid for cid, outcome in outcomes.items() if not outcome.startswith("error:")]
+    assert got == [cid for cid in acked if cid in got], "in order, and nothing that was refused"
+    if set(acked) - set(got):
+        assert receiver.of("resync"), "a lost message must lead to resync, not a silent gap"
+
+
+async def test_slot_migration_and_shard_failover_under_traffic(
+    redis_cluster: RedisCluster, chorus: LocalCluster
+) -> None:
+    sender = await Chat.join(ws(chorus, 0), "mv", username="s", history=0)
+    receiver = await Chat.join(ws(chorus, 1), "mv", username="r", history=0)
+    slot = key_slot(channel("mv").encode())
+    outcomes: dict[str, str] = {}
+
+    # 1. Move the room's slot to another shard while messages flow.
+    source = redis_cluster.owner(slot)
+    target = next(node for node in redis_cluster.masters() if node.port != source.port)
+    source_id, target_id = redis_cluster.myid(source), redis_cluster.myid(target)
+    flow = asyncio.create_task(traffic(sender, "m", 60, outcomes))
+    await poll(lambda: len(outcomes) >= 15, 10, "traffic before the migration")
+    target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
+    source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
+    for key in source.cli("CLUSTER", "GETKEYSINSLOT", str(slot), "100").split():
+        source.cli("MIGRATE", "127.0.0.1", str(target.port), key, "0", "5000")
+    for node in (target, source, *redis_cluster.masters()):
+        node.cli("CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+    await flow
+    await poll(lambda: target.port == redis_cluster.owner(slot).port, 10, "the slot to move")
+    await receiver.collect(len(outcomes), timeout=20)
+    check_delivery(receiver, outcomes)
+    assert not receiver.of("resync"), "nothing was lost: the migration is back-filled"
+    assert channel("mv") in redis_cluster.shard_channels(target)
+    assert channel("mv") not in redis_cluster.shard_channels(source)
+
+    # 2. A planned failover (CLUSTER FAILOVER on the shard's replica), then a SIGKILLed master.
+    flow = asyncio.create_task(traffic(sender, "f", 150, outcomes))
+    replica = next(
+        node for node in redis_cluster.alive()
+        if f"master_port:{target.port}" in node.cli("INFO", "replication")
+    )  # fmt: skip
+    replica.cli("CLUSTER", "FAILOVER")
+    await poll(lambda: redis_cluster.owner(slot).port == replica.port, 15, "the replica to take over")
+    await asyncio.sleep(0.5)  # traffic on the new master before it dies too
+    assert replica.process is not None
+    replica.process.signal(signal.SIGKILL)
+    await poll(
+        lambda: redis_cluster.owner(slot).port == target.port, 20, "the old master to be promoted back"
+    )
+    await flow
+    tail = {cid: outcome for cid, outcome in outcomes.items() if cid.startswith("f")}
+    refused = sorted(cid for cid, outcome in tail.items() if outcome.startswith("error:"))
+    print(f"during the failovers {len(refused)} of {len(tail)} sends were refused with unavailable")
+    assert {outcome for outcome in tail.values() if outcome.startswith("error:")} <= {"error:unavailable"}
+    await traffic(sender, "z", 5, outcomes)
+    await receiver.wait_for(lambda f: f.get("text") == "z4", timeout=20)
+    check_delivery(receiver, outcomes)
+    assert all(process.alive() for process in chorus.replicas), "no process exits"
+    for chat in (sender, receiver):
+        await chat.close()
+    # Leave the Redis cluster whole for whoever comes next in this module.
+    replica.process.stop()  # reaped already; closes its log
+    replica.start()
+    wait_until(redis_cluster.healthy, 30, "the Redis Cluster to heal")
