@@ -87,6 +87,18 @@ app.kubernetes.io/part-of: chorus
 {{- if .Values.redis.auth.existingSecret }}{{ .Values.redis.auth.existingSecretKey }}{{ else }}redis-password{{ end }}
 {{- end }}
 
+{{/* The external Redis URL built from the values (any mode); empty when none is given. */}}
+{{- define "chorus.externalRedis.url" -}}
+{{- $r := .Values.externalRedis }}
+{{- $auth := ternary (printf ":%s@" $r.password) "" (ne $r.password "") }}
+{{- if $r.url }}{{ $r.url }}
+{{- else if and (eq $r.mode "sentinel") $r.sentinel.hosts }}
+{{- printf "%s://%s%s/%s/%d" (ternary "rediss+sentinel" "redis+sentinel" $r.tls) $auth (join "," $r.sentinel.hosts) $r.sentinel.masterName (int $r.sentinel.db) }}
+{{- else if and (eq $r.mode "cluster") $r.cluster.nodes }}
+{{- printf "%s://%s%s" (ternary "rediss+cluster" "redis+cluster" $r.tls) $auth (join "," $r.cluster.nodes) }}
+{{- end }}
+{{- end }}
+
 {{/* Secret holding the external Redis URL. */}}
 {{- define "chorus.externalRedis.secretName" -}}
 {{- default (printf "%s-redis-url" (include "chorus.fullname" .)) .Values.externalRedis.existingSecret }}
@@ -115,10 +127,15 @@ app.kubernetes.io/part-of: chorus
 
 {{/* Fail early on values that cannot work together. */}}
 {{- define "chorus.validate" -}}
-{{- if and (not .Values.redis.enabled) (not .Values.externalRedis.url) (not .Values.externalRedis.existingSecret) }}
+{{- if and (not .Values.redis.enabled) (not (include "chorus.externalRedis.url" .)) (not .Values.externalRedis.existingSecret) }}
+{{- if eq .Values.externalRedis.mode "sentinel" }}
+{{- fail "externalRedis.mode=sentinel needs externalRedis.sentinel.hosts (or externalRedis.url / existingSecret)" }}
+{{- else if eq .Values.externalRedis.mode "cluster" }}
+{{- fail "externalRedis.mode=cluster needs externalRedis.cluster.nodes (or externalRedis.url / existingSecret)" }}
+{{- end }}
 {{- fail "redis.enabled=false needs externalRedis.url or externalRedis.existingSecret: Chorus replicas share messages through Redis" }}
 {{- end }}
-{{- if and .Values.redis.enabled (or .Values.externalRedis.url .Values.externalRedis.existingSecret) }}
+{{- if and .Values.redis.enabled (or (include "chorus.externalRedis.url" .) .Values.externalRedis.existingSecret) }}
 {{- fail "set redis.enabled=false to use externalRedis" }}
 {{- end }}
 {{- end }}
