@@ -55,7 +55,7 @@ class Plan:
     sweep_members: int = 2  # receivers per room: fixed, so only the number of rooms changes
     sweep_rooms_msgs: int = 500
     sweep_replicas: tuple[int, ...] = (1, 2, 3)
-    sweep_replicas_dps: int = 10_000
+    sweep_replicas_dps: int = 30_000
     idle_connections: int = 2000
 
 
