@@ -36,7 +36,7 @@ import uvloop
 from chorus.devcluster import HarnessError, wait_until
 
 from .bench_load import Load, StepResult
-from .bench_procs import IMPLS, Target, ensure_baseline_venv
+from .bench_procs import FLOOR, IMPLS, Target, ensure_baseline_venv
 from .bench_report import write_report
 from .bench_wire import Tally, open_socket
 
@@ -228,6 +228,12 @@ async def run(plan: Plan, impls: Sequence[str], workdir: Path) -> Results:
             if replicas == 1:
                 for target in targets.values():
                     results.memory.append(await idle_memory(target, plan.idle_connections))
+                if "baseline" in impls:
+                    floor = _start([FLOOR], 1, workdir)
+                    try:
+                        results.memory.append(await idle_memory(floor[FLOOR], plan.idle_connections))
+                    finally:
+                        _stop(floor)
         finally:
             _stop(targets)
     return results

@@ -21,6 +21,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 IMPLS = ("chorus", "baseline")
+FLOOR = "floor"  # baselines/floor.py: a bare ASGI app, measured for idle memory only
 # Chorus's limits stay on (the limiter still runs per message) but are raised above the load a
 # benchmark publisher offers (up to ~100 messages/s each) and the sockets it opens per user name.
 CHORUS_BENCH_ENV = {
@@ -105,8 +106,8 @@ class Target:
     def __init__(
         self, impl: str, replicas: int, workdir: Path, *, workers: int = 1, env: dict[str, str] | None = None
     ) -> None:
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}")
+        if impl not in (*IMPLS, FLOOR):
+            raise ValueError(f"impl must be one of {IMPLS} or {FLOOR!r}")
         self.impl = impl
         self.workdir = workdir / impl
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +123,8 @@ class Target:
             return [sys.executable, "-m", "chorus", "serve", "--host", "127.0.0.1", "--port", str(port),
                     "--workers", str(self.workers)]  # fmt: skip
         return [
-            str(ensure_baseline_venv()), "-m", "uvicorn", "--app-dir", str(BASELINE_DIR), "naive:app",
+            str(ensure_baseline_venv()), "-m", "uvicorn", "--app-dir", str(BASELINE_DIR),
+            "floor:app" if self.impl == FLOOR else "naive:app",
             "--host", "127.0.0.1", "--port", str(port), "--workers", str(self.workers),
             # The options Chorus runs uvicorn with (chorus.server.UVICORN_OPTIONS).
             "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio",

@@ -116,6 +116,9 @@ def markdown(results: Results, *, smoke: bool) -> str:
         "",
         f"## Idle memory ({plan.idle_connections} WebSockets on one replica)",
         "",
+        "`floor` is a bare ASGI app on the same uvicorn (loadtest/baselines/floor.py): what the server",
+        "stack costs per idle socket before any application code.",
+        "",
         "| impl | RSS before KiB | RSS after KiB | KiB per connection |",
         "|---|---|---|---|",
         *(

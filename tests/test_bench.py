@@ -34,7 +34,7 @@ def test_bench_smoke_produces_table_json_and_plot(tmp_path: Path) -> None:
         assert all(step["delivered"] == step["expected"] > 0 for step in steps), steps
         assert {step["rooms"] for step in results["rooms"] if step["impl"] == impl} == {1, 2}
         assert {step["replicas"] for step in results["replicas"] if step["impl"] == impl} == {1, 2}
-    assert {m["impl"] for m in results["memory"]} == {"chorus", "baseline"}
+    assert {m["impl"] for m in results["memory"]} == {"chorus", "baseline", "floor"}
 
     table = (out / "bench.md").read_text()
     assert "server CPU-s per 1,000 deliveries" in table
