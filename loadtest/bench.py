@@ -103,7 +103,19 @@ async def _with_load(
     await load.connect()
     # A short unmeasured step warms both ends (first frames, lazy imports, subscriptions).
     await load.step(max(1.0, 200 / max(1, receivers // rooms)), 0.3)
+    await _quiet(target)
     return load
+
+
+async def _quiet(target: Target, *, cores: float = 0.05, within: float = 20.0) -> None:
+    """Wait (bounded) until the replicas idle: the previous load's leaves and unsubscribes, or
+    this one's joins, must not be billed to the step that follows."""
+    for _ in range(round(within / 0.5)):
+        before = target.server_cpu()
+        await asyncio.sleep(0.5)
+        if target.server_cpu() - before <= cores * 0.5 * len(target.ports):
+            return
+    log(f"{target.impl}: replicas still busy after {within:.0f}s; measuring anyway")
 
 
 async def main_curve(plan: Plan, targets: dict[str, Target], results: Results) -> None:
