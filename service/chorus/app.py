@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Query, Request, WebSocket
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -25,8 +25,7 @@ from .presence import create_presence
 from .protocol import API_HISTORY_DEFAULT, API_HISTORY_MAX, ROOM_RE
 from .runtime import Runtime, State, runtime_of
 from .security import Gatekeeper
-from .session import serve_socket
-from .sockets import CaptureRawSend
+from .session import ChatSockets
 
 log = logging.getLogger("chorus.app")
 
@@ -87,7 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="Chorus", version=__version__, lifespan=lifespan, docs_url="/api/docs", redoc_url=None
     )
-    app.add_middleware(CaptureRawSend)
+    # WebSocket /ws/{room} (protocol in README): served by ChatSockets, ahead of the router.
+    app.add_middleware(ChatSockets)
 
     @app.get("/livez")
     async def livez() -> dict[str, str]:
@@ -142,10 +142,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-
-    @app.websocket("/ws/{room}")
-    async def websocket_room(websocket: WebSocket, room: str) -> None:
-        await serve_socket(websocket, room, runtime_of(websocket))
 
     return app
 

@@ -39,14 +39,16 @@ RETRY_SECONDS: Final = 0.5
 
 
 class Connection:
-    """A member's send side: a bounded queue and the task that writes it to the socket."""
+    """A member's send side: frames go straight to the socket, or to a bounded queue.
+
+    A sender task exists only while there is a backlog (the socket was not writable, or
+    frames are queued ahead): an idle socket carries no task, which is most sockets.
+    """
 
     __slots__ = (
         "_close_task",
         "_reason",
         "_sender",
-        "_waiting",
-        "_wake",
         "close_code",
         "closed_with",
         "closing",
@@ -88,13 +90,14 @@ class Connection:
         self.closed_with: int | None = None
         self.close_code: int | None = None
         self._reason = ""
-        self._wake = asyncio.Event()
-        self._waiting = False
         self._sender: asyncio.Task[None] | None = None
         self._close_task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._sender = asyncio.create_task(self._run_sender())
+    def _kick(self) -> None:
+        """Make sure a sender is draining the queue."""
+        sender = self._sender
+        if sender is None or sender.done():
+            self._sender = asyncio.create_task(self._run_sender())
 
     def offer(self, frame: str, *, force: bool = False) -> bool:
         """Queue a frame; on overflow close the socket with 1013 and free the queue."""
@@ -118,9 +121,7 @@ class Connection:
                 return False
             return True
         queue.append(frame)
-        if self._waiting:
-            self._waiting = False
-            self._wake.set()
+        self._kick()
         return True
 
     def deliver(self, msg_id: StreamId, frame: str) -> bool:
@@ -160,10 +161,8 @@ class Connection:
         if self.closing or self.close_code is not None:
             return
         self.close_code = code
-        if self._waiting:
-            self._waiting = False
-            self._wake.set()
         self._reason = reason
+        self._kick()
 
     def close(self, code: int, reason: str) -> None:
         """Close now: drop what is queued and stop the sender."""
@@ -203,21 +202,18 @@ class Connection:
         send = self.send
         writer = self.writer
         try:
-            while True:
+            while queue:
                 if writer is not None:
                     # The whole backlog in one write, once uvicorn's flow control allows.
-                    while queue:
-                        await writer.wait_writable()
-                        writer.write(queue)
-                        queue.clear()
-                while queue:
+                    await writer.wait_writable()
+                    writer.write(queue)
+                    queue.clear()
+                else:
                     await send(queue.popleft())
-                if self.close_code is not None:
-                    self.close(self.close_code, self._reason)
-                    return
-                self._wake.clear()
-                self._waiting = True
-                await self._wake.wait()
+            # No await between the empty queue and returning: an `offer` that comes after
+            # finds this task done and starts another.
+            if self.close_code is not None:
+                self.close(self.close_code, self._reason)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the socket went away under us; the endpoint cleans up

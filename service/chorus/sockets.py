@@ -14,22 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Final
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 from websockets.protocol import State
 
 RAW_SEND: Final = "chorus.raw_send"
-
-
-class CaptureRawSend:
-    """ASGI middleware keeping the server's own `send` in the WebSocket scope."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            scope[RAW_SEND] = send
-        await self.app(scope, receive, send)
 
 
 def close_now(scope: Scope, code: int, reason: str) -> bool:
