@@ -15,7 +15,7 @@ from starlette.websockets import WebSocketState
 
 from . import metrics
 from .broker import BrokerUnavailable
-from .hub import Connection
+from .connection import Connection
 from .presence import Member
 from .protocol import (
     CLOSE_INTERNAL_ERROR,
