@@ -129,7 +129,29 @@ async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *c
             return replies[0]
 
 
-class RedisPubSubBackend(BroadcastBackend):
+class ChannelBackend(BroadcastBackend):
+    """What Chorus's pub/sub backends share: the queue broadcaster reads, and per channel an
+    event saying that Redis has confirmed the subscription."""
+
+    def __init__(self) -> None:  # BroadcastBackend.__init__ only raises NotImplementedError
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._live: dict[str, asyncio.Event] = {}
+
+    async def publish(self, channel: str, message: Any) -> None:
+        raise NotImplementedError("Chorus publishes through its command connection (chorus.broker)")
+
+    async def next_published(self) -> Event:
+        return await self._queue.get()
+
+    async def wait_live(self, channel: str) -> None:
+        """Return once Redis has confirmed the subscription to `channel`."""
+        event = self._live.get(channel)
+        if event is None:
+            raise RuntimeError(f"channel {channel!r} is not subscribed")
+        await event.wait()
+
+
+class RedisPubSubBackend(ChannelBackend):
     """Redis pub/sub for broadcaster, hardened; see the module docstring."""
 
     def __init__(
@@ -139,6 +161,7 @@ class RedisPubSubBackend(BroadcastBackend):
         on_connection_change: Callable[[bool], None] | None = None,
         resolve: Callable[[], Awaitable[tuple[str, int]]] | None = None,
     ) -> None:
+        super().__init__()
         # `resolve` (Sentinel) names the master before each connect; the connection must then
         # find a master there, and a master that moves is a reconnect.
         topology = parse_redis_url(url)
@@ -153,9 +176,7 @@ class RedisPubSubBackend(BroadcastBackend):
         # Replies still outstanding per channel: a channel is live once it is wanted and
         # every SUBSCRIBE/UNSUBSCRIBE written for it has been answered.
         self._outstanding: dict[str, int] = {}
-        self._live: dict[str, asyncio.Event] = {}
         self._resubscribing: set[str] = set()
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -187,25 +208,6 @@ class RedisPubSubBackend(BroadcastBackend):
         self._wanted.discard(channel)
         self._live.pop(channel, None)
         self._write(b"UNSUBSCRIBE", channel)
-
-    async def publish(self, channel: str, message: Any) -> None:
-        raise NotImplementedError("Chorus publishes through its command connection (chorus.broker)")
-
-    async def next_published(self) -> Event:
-        return await self._queue.get()
-
-    # -- Chorus additions -------------------------------------------------------------------
-
-    async def wait_live(self, channel: str) -> None:
-        """Return once Redis has confirmed the subscription to `channel`."""
-        event = self._live.get(channel)
-        if event is None:
-            raise RuntimeError(f"channel {channel!r} is not subscribed")
-        await event.wait()
-
-    def is_live(self, channel: str) -> bool:
-        event = self._live.get(channel)
-        return event is not None and event.is_set()
 
     # -- connection loop --------------------------------------------------------------------
 

@@ -20,9 +20,9 @@ import logging
 import random
 import ssl
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
-from broadcaster import BroadcastBackend, Event
+from broadcaster import Event
 from redis.crc import key_slot
 
 from .backend import (
@@ -31,6 +31,7 @@ from .backend import (
     CONNECT_TIMEOUT,
     GAP,
     KEEPALIVE_SECONDS,
+    ChannelBackend,
     RespError,
     RespParser,
     encode_command,
@@ -65,19 +66,19 @@ class _Shard:
         self.writer.write(encode_command(command, channel))
 
 
-class ShardedPubSubBackend(BroadcastBackend):
+class ShardedPubSubBackend(ChannelBackend):
     """Redis Cluster sharded pub/sub for broadcaster; see the module docstring."""
 
     def __init__(
         self, topology: Topology, *, on_connection_change: Callable[[bool], None] | None = None
     ) -> None:
+        super().__init__()
         self._seeds: list[Address] = list(topology.hosts)
         self._username = topology.username
         self._password = topology.password or None
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if topology.tls else None
         self._on_connection_change = on_connection_change
         self._wanted: set[str] = set()
-        self._live: dict[str, asyncio.Event] = {}
         self._confirmed_once: set[str] = set()
         self._owner: dict[str, _Shard] = {}
         self._homeless: set[str] = set()
@@ -85,7 +86,6 @@ class ShardedPubSubBackend(BroadcastBackend):
         # Slot ranges from CLUSTER SLOTS: starts (sorted), ends and owners, for bisect.
         self._starts: list[int] = []
         self._ranges: list[tuple[int, Address]] = []
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._kick = asyncio.Event()
         self._failed = False
         self._task: asyncio.Task[None] | None = None
@@ -123,23 +123,6 @@ class ShardedPubSubBackend(BroadcastBackend):
         if shard is not None:
             shard.channels.discard(channel)
             shard.write(b"SUNSUBSCRIBE", channel)
-
-    async def publish(self, channel: str, message: Any) -> None:
-        raise NotImplementedError("Chorus publishes through its command connection (chorus.broker)")
-
-    async def next_published(self) -> Event:
-        return await self._queue.get()
-
-    async def wait_live(self, channel: str) -> None:
-        """Return once the owning shard has confirmed the subscription to `channel`."""
-        event = self._live.get(channel)
-        if event is None:
-            raise RuntimeError(f"channel {channel!r} is not subscribed")
-        await event.wait()
-
-    def is_live(self, channel: str) -> bool:
-        event = self._live.get(channel)
-        return event is not None and event.is_set()
 
     # -- routing ----------------------------------------------------------------------------
 
