@@ -139,14 +139,6 @@ async def test_resume_on_another_replica_after_sigkill(cluster: LocalCluster) ->
     await other.close()
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 async def test_slow_consumer_is_closed_with_1013_and_memory_stays_bounded(
     make_cluster: object,
 ) -> None:
@@ -156,8 +148,8 @@ async def test_slow_consumer_is_closed_with_1013_and_memory_stays_bounded(
     slow = wsraw.handshake(port, "/ws/flood?username=slow&history=0", rcvbuf=4096)
     fast = await Chat.join(url, "flood", username="fast", history=0)
     sender = await Chat.join(url, "flood", username="sender", history=0)
-    pid = cluster.replicas[0].pid
-    before = rss_kib(pid)
+    replica = cluster.replicas[0]
+    before = replica.rss_kib()
     text = "x" * 4000
     # More than the kernel's socket buffers (up to 4 MiB with autotuning) can absorb.
     total = 2500
@@ -168,7 +160,7 @@ async def test_slow_consumer_is_closed_with_1013_and_memory_stays_bounded(
             await fast.collect(i + 1, timeout=20)
     got = await fast.collect(total, timeout=30)
     assert [frame["text"][:5] for frame in got] == [f"{i:05d}" for i in range(total)], "others unaffected"
-    grown = rss_kib(pid) - before
+    grown = replica.rss_kib() - before
     # 10 MB went through; a replica that buffered it for the slow reader would hold it.
     assert grown < 5000, f"replica RSS grew by {grown} KiB"
     assert await asyncio.to_thread(wsraw.read_close_code, slow, 20) == 1013

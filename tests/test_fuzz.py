@@ -23,14 +23,6 @@ FUZZ_THREADS = 4
 MAX_CONNECTIONS_PER_THREAD = 400
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def random_payload(rng: random.Random) -> bytes:
     kind = rng.randrange(9)
     if kind == 0:  # binary frame: 1003
@@ -77,10 +69,10 @@ async def test_fuzzed_replica_stays_up_fair_and_bounded(make_cluster: Callable[.
     cluster = make_cluster(1, env={"CHORUS_RATE_LIMIT": "10", "CHORUS_RATE_BURST": "20"})
     port = cluster.replica_ports[0]
     url = cluster.replica_url(0)
-    pid = cluster.replicas[0].pid
+    replica = cluster.replicas[0]
     receiver = await Chat.join(url.replace("http", "ws"), "fuzz", username="good-receiver", history=0)
     sender = await Chat.join(url.replace("http", "ws"), "fuzz", username="good-sender", history=0)
-    baseline = rss_kib(pid)
+    baseline = replica.rss_kib()
 
     counts = [0]
     stop_at = time.monotonic() + FUZZ_SECONDS
@@ -112,7 +104,7 @@ async def test_fuzzed_replica_stays_up_fair_and_bounded(make_cluster: Callable[.
     assert http_status(url + "/readyz") == 200
     # Memory: closed connections give back what they held (allow for allocator slack).
     settle = time.monotonic() + 15
-    while (grown := rss_kib(pid) - baseline) > 30_000 and time.monotonic() < settle:
+    while (grown := replica.rss_kib() - baseline) > 30_000 and time.monotonic() < settle:
         await asyncio.sleep(0.5)
     assert grown < 30_000, f"replica RSS still {grown} KiB above its baseline"
     with socket.create_connection(("127.0.0.1", port)) as probe:

@@ -13,6 +13,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -48,6 +49,14 @@ def stream_key(room: str) -> str:
 
 class BrokerUnavailable(Exception):
     """Redis could not take the message in time; the sender gets an `unavailable` error frame."""
+
+
+async def redis_call(call: Awaitable[Any], timeout: float) -> Any:
+    """Await one Redis command (or script, or pipeline) within `timeout`; BrokerUnavailable if not."""
+    try:
+        return await asyncio.wait_for(call, timeout)
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,11 +151,8 @@ class RedisBroker(Broker):
     async def wait_live(self, channel: str) -> None:
         await self._backend.wait_live(channel)
 
-    async def _call(self, coro: Any) -> Any:
-        try:
-            return await asyncio.wait_for(coro, self._timeout)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+    async def _call(self, coro: Awaitable[Any]) -> Any:
+        return await redis_call(coro, self._timeout)
 
     async def append(self, room: str, tail: bytes, sender: bytes) -> bytes:
         keys = [stream_key(room), channel_key(room)]

@@ -112,6 +112,14 @@ class Process:
             self._log = None
         return self.proc.returncode
 
+    def rss_kib(self) -> int:
+        """Resident memory of the process (not its children), from /proc."""
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise HarnessError(f"{self.name}: no VmRSS in /proc/{self.pid}/status")
+
     def output(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any, Final
 
-from redis.exceptions import RedisError
-
+from .broker import BrokerUnavailable, redis_call
 from .config import Settings
 from .topology import command_client
 
@@ -83,8 +83,8 @@ class RedisUserLimiter(UserLimiter):
             await asyncio.gather(self._task, return_exceptions=True)
         await self._redis.aclose()
 
-    async def _call(self, coro: Any) -> Any:
-        return await asyncio.wait_for(coro, self._timeout)
+    async def _call(self, coro: Awaitable[Any]) -> Any:
+        return await redis_call(coro, self._timeout)
 
     async def acquire(self, user: str, tag: str) -> bool:
         if not await super().acquire(user, tag):
@@ -93,7 +93,7 @@ class RedisUserLimiter(UserLimiter):
             args: list[str | float] = [time.time(), tag, self.limit, self._lease]
             if await self._call(self._acquire(keys=[user_key(user)], args=args)):
                 return True
-        except (RedisError, OSError, TimeoutError) as exc:
+        except BrokerUnavailable as exc:
             # Fail open: the per-replica cap still bounds the damage, and chat keeps working.
             log.warning("per-user connection count unavailable (%s); admitting %s", exc, user)
             return True
@@ -104,7 +104,7 @@ class RedisUserLimiter(UserLimiter):
         await super().release(user, tag)
         try:
             await self._call(self._redis.zrem(user_key(user), tag))
-        except (RedisError, OSError, TimeoutError) as exc:
+        except BrokerUnavailable as exc:
             log.warning("could not release a connection of %s now (%s); its lease expires", user, exc)
 
     async def _renew_forever(self) -> None:
@@ -117,7 +117,7 @@ class RedisUserLimiter(UserLimiter):
                         pipe.zadd(user_key(user), {tag: expiry for tag in tags})
                         pipe.pexpire(user_key(user), int(self._lease * 1000))
                     await self._call(pipe.execute())
-            except (RedisError, OSError, TimeoutError) as exc:
+            except BrokerUnavailable as exc:
                 log.warning("could not renew connection leases: %s", exc)
 
 

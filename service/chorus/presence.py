@@ -18,12 +18,11 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from redis.exceptions import RedisError
-
-from .broker import Broker, BrokerUnavailable, channel_key
+from .broker import Broker, BrokerUnavailable, channel_key, redis_call
 from .config import Settings
 from .protocol import encode_published, presence_frame
 from .topology import command_client
@@ -213,11 +212,8 @@ class RedisPresence(Presence):
             log.warning("presence goodbye failed (%s); other replicas will expire our entries", exc)
         await self._redis.aclose()
 
-    async def _call(self, coro: Any) -> Any:
-        try:
-            return await asyncio.wait_for(coro, self._timeout)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+    async def _call(self, coro: Awaitable[Any]) -> Any:
+        return await redis_call(coro, self._timeout)
 
     async def _run_script(self, script: Any, member: Member, sender: str) -> Any:
         keys = [entries_key(member.room), users_key(member.room), channel_key(member.room)]
