@@ -48,6 +48,10 @@ BENCH_ARGS ?=
 bench: system-deps test-deps ## Chorus vs the seed's naive design, side by side: table, JSON, plot in loadtest/results/
 	$(BIN)/python -m loadtest.bench --out loadtest/results $(BENCH_ARGS)
 
+.PHONY: bench-cluster
+bench-cluster: system-deps test-deps ## Chorus on Redis Cluster, 1 shard vs 3 (and standalone): Redis CPU per message per shard, in loadtest/results/
+	$(BIN)/python -m loadtest.bench_cluster --out loadtest/results $(BENCH_ARGS)
+
 ##@ Load test
 
 LOADTEST_USERS ?= 60

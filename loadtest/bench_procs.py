@@ -133,6 +133,10 @@ class Target:
 
     def start(self) -> Target:
         self.redis.start()
+        return self.start_replicas()
+
+    def start_replicas(self) -> Target:
+        """Start the replicas against the Redis already up (`bench_cluster` brings its own)."""
         for index, port in enumerate(self.ports):
             env = {key: value for key, value in os.environ.items() if not key.startswith("CHORUS_")}
             env.update(
