@@ -19,7 +19,7 @@ import asyncio
 import logging
 import random
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, cast
 
 from broadcaster import BroadcastBackend, Event
@@ -127,6 +127,28 @@ async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *c
         replies = parser.replies()
         if replies:
             return replies[0]
+
+
+async def reply_batches(
+    reader: asyncio.StreamReader, keepalive: Callable[[], Awaitable[None]]
+) -> AsyncIterator[list[Any]]:
+    """The replies of a subscribed connection, a batch per read, until Redis closes it.
+
+    Redis sends nothing on an idle pub/sub connection, so after KEEPALIVE_SECONDS of silence
+    `keepalive` runs (it writes a PING, or raises ConnectionError to give the connection up) and
+    the reply must come within another KEEPALIVE_SECONDS: a dead peer without RST is noticed.
+    """
+    parser = RespParser()
+    while True:
+        try:
+            data = await asyncio.wait_for(reader.read(262_144), KEEPALIVE_SECONDS)
+        except TimeoutError:
+            await keepalive()
+            data = await asyncio.wait_for(reader.read(262_144), KEEPALIVE_SECONDS)
+        if not data:
+            return
+        parser.feed(data)
+        yield parser.replies()
 
 
 class ChannelBackend(BroadcastBackend):
@@ -295,24 +317,18 @@ class RedisPubSubBackend(ChannelBackend):
         except ConnectionError:
             return False  # sentinels unreachable: keep the connection that works
 
+    async def _keepalive(self) -> None:
+        if self._writer is None:
+            raise ConnectionError("pub/sub connection closed")
+        if await self._master_moved():
+            raise ConnectionError("Sentinel names another master")
+        # A PING on a subscribed RESP2 connection is answered with ["pong", ""].
+        self._writer.write(encode_command(b"PING"))
+
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        parser = RespParser()
         put = self._queue.put_nowait
-        while True:
-            try:
-                data = await asyncio.wait_for(reader.read(262_144), KEEPALIVE_SECONDS)
-            except TimeoutError:
-                if self._writer is None:
-                    raise ConnectionError("pub/sub connection closed") from None
-                if await self._master_moved():
-                    raise ConnectionError("Sentinel names another master") from None
-                # A PING on a subscribed RESP2 connection is answered with ["pong", ""].
-                self._writer.write(encode_command(b"PING"))
-                data = await asyncio.wait_for(reader.read(262_144), KEEPALIVE_SECONDS)
-            if not data:
-                return
-            parser.feed(data)
-            for reply in parser.replies():
+        async for batch in reply_batches(reader, self._keepalive):
+            for reply in batch:
                 if isinstance(reply, RespError):
                     log.error("Redis pub/sub error reply: %s", reply)
                     continue

@@ -30,11 +30,10 @@ from .backend import (
     BACKOFF_INITIAL,
     CONNECT_TIMEOUT,
     GAP,
-    KEEPALIVE_SECONDS,
     ChannelBackend,
     RespError,
-    RespParser,
     encode_command,
+    reply_batches,
     request,
 )
 from .topology import Topology
@@ -280,20 +279,14 @@ class ShardedPubSubBackend(ChannelBackend):
         self._kick.set()
 
     async def _read(self, shard: _Shard, reader: asyncio.StreamReader) -> None:
-        parser = RespParser()
+        async def keepalive() -> None:
+            if shard.writer is None:
+                raise ConnectionError("pub/sub connection closed")
+            shard.writer.write(encode_command(b"PING"))
+
         put = self._queue.put_nowait
-        while True:
-            try:
-                data = await asyncio.wait_for(reader.read(262_144), KEEPALIVE_SECONDS)
-            except TimeoutError:
-                if shard.writer is None:
-                    raise ConnectionError("pub/sub connection closed") from None
-                shard.writer.write(encode_command(b"PING"))
-                data = await asyncio.wait_for(reader.read(262_144), KEEPALIVE_SECONDS)
-            if not data:
-                return
-            parser.feed(data)
-            for reply in parser.replies():
+        async for batch in reply_batches(reader, keepalive):
+            for reply in batch:
                 if isinstance(reply, RespError):
                     # -MOVED/-CLUSTERDOWN to an SSUBSCRIBE: our map is stale; start over.
                     raise reply
