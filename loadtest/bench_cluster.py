@@ -25,6 +25,7 @@ import asyncio
 import json
 import math
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from chorus.devcluster import RedisServer, free_port, wait_until
 from .bench import _brief, _quiet, _with_load, log
 from .bench_load import Load, StepResult
 from .bench_procs import Target
+from .bench_report import _f
 
 SLOTS = 16384
 MODES = {"standalone": 0, "cluster-1": 1, "cluster-3": 3}  # mode -> shards (0: no cluster)
@@ -80,8 +82,6 @@ def cluster_port() -> int:
 
 
 def _port_free(port: int) -> bool:
-    import socket
-
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))
@@ -99,7 +99,7 @@ class RedisShards:
 
     def __init__(self, workdir: Path, count: int) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        self.nodes = []
+        self.nodes: list[RedisServer] = []
         for _ in range(count):
             port = cluster_port()
             extra = ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
@@ -222,16 +222,18 @@ class ModeStep:
 
 def _setup(mode: str, plan: Plan, workdir: Path) -> Setup:
     shards = MODES[mode]
-    if shards == 0:
-        target = Target("chorus", plan.replicas, workdir / mode, env=QUICK_STOP)
-        return Setup(mode, target.start(), [target.redis])
-    sharded = ShardedTarget(plan.replicas, workdir, shards)
+    target = (
+        ShardedTarget(plan.replicas, workdir, shards)
+        if shards
+        else Target("chorus", plan.replicas, workdir / mode, env=QUICK_STOP)
+    )
     try:
-        sharded.start()
+        target.start()
     except BaseException:
-        sharded.stop()
+        target.stop()  # whatever did start, Redis included
         raise
-    return Setup(mode, sharded, sharded.shards.nodes)
+    nodes = target.shards.nodes if isinstance(target, ShardedTarget) else [target.redis]
+    return Setup(mode, target, nodes)
 
 
 async def _idle_cores(setup: Setup, seconds: float) -> list[float]:
@@ -335,13 +337,10 @@ def summary(results: Results) -> list[dict[str, Any]]:
             "redis_cpu_ms_per_1k_own_msgs_per_process": own,
             "message_share_per_process": share,
             "redis_cpu_ms_per_1k_msgs_all_processes": _median([sum(s.node_ms_per_1k()) for s in steps]),
+            # The control runs on the cluster-1 setup: same processes, same idle reading.
             "idle_redis_cores_per_process": results.idle.get(mode, results.idle.get("cluster-1", [])),
         })  # fmt: skip
     return rows
-
-
-def _f(value: float, digits: int = 1) -> str:
-    return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
 
 
 def _list(values: Sequence[float], digits: int = 1) -> str:
