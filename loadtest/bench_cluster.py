@@ -25,9 +25,7 @@ import asyncio
 import json
 import math
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,14 +36,13 @@ from typing import Any
 
 import uvloop
 
-from chorus.devcluster import RedisServer, free_port, wait_until
+from chorus.devcluster import RedisCluster, RedisServer
 
 from .bench import _brief, _quiet, _with_load, log
 from .bench_load import Load, StepResult
 from .bench_procs import Target
 from .bench_report import _f
 
-SLOTS = 16384
 MODES = {"standalone": 0, "cluster-1": 1, "cluster-3": 3}  # mode -> shards (0: no cluster)
 # The generator closes its sockets before stopping the replicas: nothing is left to drain.
 QUICK_STOP = {"CHORUS_DRAIN_SECONDS": "1"}
@@ -72,75 +69,11 @@ FULL = Plan()
 SMOKE = Plan(rooms=6, msgs_per_s=60, step_seconds=0.5, rounds=1, idle_seconds=0.3)
 
 
-def cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too (bounded tries)."""
-    for _ in range(100):
-        port = free_port()
-        if port <= 55535 and _port_free(port + 10000):
-            return port
-    raise RuntimeError("no free port pair for a cluster node after 100 tries")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-class RedisShards:
-    """N cluster-enabled masters, each with an equal slot range, joined with CLUSTER MEET.
-
-    `redis-cli --cluster create` refuses fewer than 3 masters; assigning the slots by hand
-    treats one shard and three alike.
-    """
-
-    def __init__(self, workdir: Path, count: int) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.nodes: list[RedisServer] = []
-        for _ in range(count):
-            port = cluster_port()
-            extra = ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
-            self.nodes.append(RedisServer(workdir, port=port, extra_args=extra))
-
-    @property
-    def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
-
-    def start(self) -> None:
-        for node in self.nodes:
-            node.start()
-        count = len(self.nodes)
-        for index, node in enumerate(self.nodes):
-            first, last = index * SLOTS // count, (index + 1) * SLOTS // count - 1
-            # Distinct epochs up front, as redis-cli does, so no collision round is needed.
-            node.cli("CLUSTER", "SET-CONFIG-EPOCH", str(index + 1))
-            node.cli("CLUSTER", "ADDSLOTSRANGE", str(first), str(last))
-        for node in self.nodes[1:]:
-            self.nodes[0].cli("CLUSTER", "MEET", "127.0.0.1", str(node.port))
-        wait_until(self._healthy, 30, f"a {count}-shard Redis Cluster to be ok on every node", interval=0.2)
-
-    def _healthy(self) -> bool:
-        try:
-            infos = [node.cli("CLUSTER", "INFO") for node in self.nodes]
-        except subprocess.CalledProcessError:
-            return False
-        known = f"cluster_known_nodes:{len(self.nodes)}"
-        return all("cluster_state:ok" in info and known in info for info in infos)
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            if node.process is not None:
-                node.stop()
-
-
 class ShardedTarget(Target):
     """Chorus replicas on a Redis Cluster: `redis_cpu` sums every shard."""
 
     def __init__(self, replicas: int, workdir: Path, shards: int) -> None:
-        self.shards = RedisShards(workdir / f"shards-{shards}", shards)
+        self.shards = RedisCluster(workdir / f"shards-{shards}", masters=shards)
         env = {**QUICK_STOP, "CHORUS_REDIS_URL": self.shards.url}
         super().__init__("chorus", replicas, workdir / f"cluster-{shards}", env=env)
         self.redis = self.shards.nodes[0]

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,95 +13,33 @@ import redis as redis_sync
 from redis.crc import key_slot
 
 from chat import Chat, texts
-from chorus.devcluster import HarnessError, LocalCluster, RedisServer, find_binary, free_port, wait_until
+from chorus.devcluster import HarnessError, LocalCluster, RedisCluster, RedisServer, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
-def cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too."""
-    while True:
-        port = free_port()
-        if port <= 55535 and port_free(port + 10000):
-            return port
+def client(node: RedisServer) -> redis_sync.Redis:
+    return redis_sync.Redis(port=node.port, protocol=2, socket_timeout=2)
 
 
-def port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def owner(cluster: RedisCluster, slot: int) -> RedisServer:
+    """The master serving `slot`, as the cluster itself says."""
+    with client(cluster.alive()[0]) as conn:
+        for start, end, master, *_ in conn.execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return next(node for node in cluster.nodes if node.port == int(master[1]))
+    raise HarnessError(f"slot {slot} is not served")
 
 
-class RedisCluster:
-    """Three masters and three replicas, cluster-node-timeout 1 s, created with redis-cli."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.nodes: list[RedisServer] = []
-        for _ in range(6):
-            node = RedisServer(workdir, port=cluster_port())
-            node.extra_args = [
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", f"nodes-{node.port}.conf",
-                "--cluster-node-timeout", "1000",
-            ]  # fmt: skip
-            self.nodes.append(node)
-
-    @property
-    def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:3])
-
-    def start(self) -> None:
-        for node in self.nodes:
-            node.start()
-        subprocess.run(
-            [find_binary("redis-cli"), "--cluster", "create",
-             *(f"127.0.0.1:{node.port}" for node in self.nodes),
-             "--cluster-replicas", "1", "--cluster-yes"],
-            capture_output=True, text=True, timeout=60, check=True,
-        )  # fmt: skip
-        wait_until(self.healthy, 30, "the Redis Cluster to be ok everywhere")
-
-    def healthy(self) -> bool:
-        try:
-            return all("cluster_state:ok" in node.cli("CLUSTER", "INFO") for node in self.alive())
-        except subprocess.CalledProcessError:
-            return False
-
-    def alive(self) -> list[RedisServer]:
-        return [node for node in self.nodes if node.process is not None and node.process.alive()]
-
-    def client(self, node: RedisServer) -> redis_sync.Redis:
-        return redis_sync.Redis(port=node.port, protocol=2, socket_timeout=2)
-
-    def myid(self, node: RedisServer) -> str:
-        return node.cli("CLUSTER", "MYID")
-
-    def masters(self) -> list[RedisServer]:
-        return [node for node in self.alive() if "role:master" in node.cli("INFO", "replication")]
-
-    def owner(self, slot: int) -> RedisServer:
-        with self.client(self.alive()[0]) as client:
-            for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
-                if start <= slot <= end:
-                    return next(node for node in self.nodes if node.port == int(master[1]))
-        raise HarnessError(f"slot {slot} is not served")
-
-    def shard_channels(self, node: RedisServer) -> set[str]:
-        with self.client(node) as client:
-            return {c.decode() for c in client.execute_command("PUBSUB", "SHARDCHANNELS")}
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            if node.process is not None:
-                node.process.stop()
+def shard_channels(node: RedisServer) -> set[str]:
+    with client(node) as conn:
+        return {c.decode() for c in conn.execute_command("PUBSUB", "SHARDCHANNELS")}
 
 
 @pytest.fixture(scope="module")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    # Three masters with a replica each, node timeout 1 s: enough for the failover test.
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"), masters=3, replicas_per_master=1)
     try:
         cluster.start()
         yield cluster
@@ -144,7 +79,7 @@ async def test_200_rooms_on_every_shard_once_in_order_and_unsubscribed_after(
     redis_cluster: RedisCluster, chorus: LocalCluster
 ) -> None:
     rooms = [f"r{i}" for i in range(200)]
-    owners = {room: redis_cluster.owner(key_slot(channel(room).encode())).port for room in rooms}
+    owners = {room: owner(redis_cluster, key_slot(channel(room).encode())).port for room in rooms}
     assert len(set(owners.values())) == 3, "the rooms span every shard"
     left = await asyncio.gather(
         *(Chat.join(ws(chorus, 0), room, username=f"a{room}", history=0) for room in rooms)
@@ -162,16 +97,16 @@ async def test_200_rooms_on_every_shard_once_in_order_and_unsubscribed_after(
             assert texts(got) == [f"{other}{i}" for i in range(3)], chat.welcome
     # Each shard carries exactly its own rooms, subscribed once per Chorus replica.
     for master in redis_cluster.masters():
-        subscribed = {c for c in redis_cluster.shard_channels(master) if c.startswith("chorus:msg:")}
+        subscribed = {c for c in shard_channels(master) if c.startswith("chorus:msg:")}
         assert subscribed == {channel(room) for room in rooms if owners[room] == master.port}
-        with redis_cluster.client(master) as client:
-            counts = client.execute_command("PUBSUB", "SHARDNUMSUB", *sorted(subscribed)[:5])
+        with client(master) as conn:
+            counts = conn.execute_command("PUBSUB", "SHARDNUMSUB", *sorted(subscribed)[:5])
         assert all(int(count) == 2 for count in counts[1::2])
     await asyncio.gather(*(chat.close() for chat in left + right))
 
     def rooms_left() -> set[str]:
         return {
-            c for node in redis_cluster.masters() for c in redis_cluster.shard_channels(node)
+            c for node in redis_cluster.masters() for c in shard_channels(node)
             if c.startswith("chorus:msg:")
         }  # fmt: skip
 
@@ -209,7 +144,7 @@ async def test_slot_migration_and_shard_failover_under_traffic(
     outcomes: dict[str, str] = {}
 
     # 1. Move the room's slot to another shard while messages flow.
-    source = redis_cluster.owner(slot)
+    source = owner(redis_cluster, slot)
     target = next(node for node in redis_cluster.masters() if node.port != source.port)
     source_id, target_id = redis_cluster.myid(source), redis_cluster.myid(target)
     flow = asyncio.create_task(traffic(sender, "m", 60, outcomes))
@@ -221,12 +156,12 @@ async def test_slot_migration_and_shard_failover_under_traffic(
     for node in (target, source, *redis_cluster.masters()):
         node.cli("CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
     await flow
-    await poll(lambda: target.port == redis_cluster.owner(slot).port, 10, "the slot to move")
+    await poll(lambda: target.port == owner(redis_cluster, slot).port, 10, "the slot to move")
     await receiver.collect(len(outcomes), timeout=20)
     check_delivery(receiver, outcomes)
     assert not receiver.of("resync"), "nothing was lost: the migration is back-filled"
-    assert channel("mv") in redis_cluster.shard_channels(target)
-    assert channel("mv") not in redis_cluster.shard_channels(source)
+    assert channel("mv") in shard_channels(target)
+    assert channel("mv") not in shard_channels(source)
 
     # 2. A planned failover (CLUSTER FAILOVER on the shard's replica), then a SIGKILLed master.
     flow = asyncio.create_task(traffic(sender, "f", 150, outcomes))
@@ -235,12 +170,12 @@ async def test_slot_migration_and_shard_failover_under_traffic(
         if f"master_port:{target.port}" in node.cli("INFO", "replication")
     )  # fmt: skip
     replica.cli("CLUSTER", "FAILOVER")
-    await poll(lambda: redis_cluster.owner(slot).port == replica.port, 15, "the replica to take over")
+    await poll(lambda: owner(redis_cluster, slot).port == replica.port, 15, "the replica to take over")
     await asyncio.sleep(0.5)  # traffic on the new master before it dies too
     assert replica.process is not None
     replica.process.signal(signal.SIGKILL)
     await poll(
-        lambda: redis_cluster.owner(slot).port == target.port, 20, "the old master to be promoted back"
+        lambda: owner(redis_cluster, slot).port == target.port, 20, "the old master to be promoted back"
     )
     await flow
     tail = {cid: outcome for cid, outcome in outcomes.items() if cid.startswith("f")}

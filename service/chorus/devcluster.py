@@ -185,6 +185,105 @@ class RedisServer:
         self.start()
 
 
+CLUSTER_SLOTS = 16384
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too (bounded tries)."""
+    for _ in range(100):
+        port = free_port()
+        if port <= 55535 and _port_bindable(port + 10000):
+            return port
+    raise HarnessError("no free port pair for a Redis Cluster node after 100 tries")
+
+
+def _port_bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class RedisCluster:
+    """A real Redis Cluster on loopback: N masters with equal slot ranges, optional replicas.
+
+    Built by hand (config epochs, ADDSLOTSRANGE, CLUSTER MEET, CLUSTER REPLICATE) rather than
+    with `redis-cli --cluster create`, which refuses fewer than three masters: one shard and
+    three are made alike.
+    """
+
+    def __init__(
+        self, workdir: Path, *, masters: int = 3, replicas_per_master: int = 0, node_timeout_ms: int = 1000
+    ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.nodes: list[RedisServer] = []
+        self.master_count = masters
+        for _ in range(masters * (1 + replicas_per_master)):
+            port = cluster_port()
+            extra = [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{port}.conf",
+                "--cluster-node-timeout", str(node_timeout_ms),
+            ]  # fmt: skip
+            self.nodes.append(RedisServer(workdir, port=port, extra_args=extra))
+
+    @property
+    def url(self) -> str:
+        """`CHORUS_REDIS_URL` with the first masters as seeds."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[: self.master_count])
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        masters, replicas = self.nodes[: self.master_count], self.nodes[self.master_count :]
+        for index, node in enumerate(masters):
+            first = index * CLUSTER_SLOTS // len(masters)
+            last = (index + 1) * CLUSTER_SLOTS // len(masters) - 1
+            # Distinct epochs up front, as redis-cli does, so no collision round is needed.
+            node.cli("CLUSTER", "SET-CONFIG-EPOCH", str(index + 1))
+            node.cli("CLUSTER", "ADDSLOTSRANGE", str(first), str(last))
+        for node in self.nodes[1:]:
+            self.nodes[0].cli("CLUSTER", "MEET", "127.0.0.1", str(node.port))
+        wait_until(lambda: self._everyone_knows(len(self.nodes)), 30, "the cluster nodes to meet", 0.2)
+        for index, node in enumerate(replicas):
+            master = masters[index % len(masters)]
+            node.cli("CLUSTER", "REPLICATE", self.myid(master))
+        wait_until(self.healthy, 30, "the Redis Cluster to be ok on every node", 0.2)
+        wait_until(lambda: all(self._synced(node) for node in replicas), 30, "the replicas to sync", 0.2)
+
+    @staticmethod
+    def _synced(replica: RedisServer) -> bool:
+        return "master_link_status:up" in replica.cli("INFO", "replication")
+
+    def _everyone_knows(self, count: int) -> bool:
+        try:
+            return all(f"cluster_known_nodes:{count}" in node.cli("CLUSTER", "INFO") for node in self.nodes)
+        except subprocess.CalledProcessError:
+            return False
+
+    def healthy(self) -> bool:
+        try:
+            return all("cluster_state:ok" in node.cli("CLUSTER", "INFO") for node in self.alive())
+        except subprocess.CalledProcessError:
+            return False
+
+    def alive(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.process is not None and node.process.alive()]
+
+    def masters(self) -> list[RedisServer]:
+        return [node for node in self.alive() if "role:master" in node.cli("INFO", "replication")]
+
+    def myid(self, node: RedisServer) -> str:
+        return node.cli("CLUSTER", "MYID")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.process is not None:
+                node.process.stop()
+
+
 HAPROXY_CONFIG = """\
 global
     maxconn 9000
