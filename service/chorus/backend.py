@@ -155,9 +155,19 @@ class ChannelBackend(BroadcastBackend):
     """What Chorus's pub/sub backends share: the queue broadcaster reads, and per channel an
     event saying that Redis has confirmed the subscription."""
 
-    def __init__(self) -> None:  # BroadcastBackend.__init__ only raises NotImplementedError
+    def __init__(self, on_connection_change: Callable[[bool], None] | None) -> None:
+        # BroadcastBackend.__init__ only raises NotImplementedError: not called.
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._live: dict[str, asyncio.Event] = {}
+        self._on_connection_change = on_connection_change
+        self.connected = False
+        self.reconnects = 0
+
+    def _set_connected(self, value: bool) -> None:
+        if value != self.connected:
+            self.connected = value
+            if self._on_connection_change is not None:
+                self._on_connection_change(value)
 
     async def publish(self, channel: str, message: Any) -> None:
         raise NotImplementedError("Chorus publishes through its command connection (chorus.broker)")
@@ -183,7 +193,7 @@ class RedisPubSubBackend(ChannelBackend):
         on_connection_change: Callable[[bool], None] | None = None,
         resolve: Callable[[], Awaitable[tuple[str, int]]] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(on_connection_change)
         # `resolve` (Sentinel) names the master before each connect; the connection must then
         # find a master there, and a master that moves is a reconnect.
         topology = parse_redis_url(url)
@@ -193,7 +203,6 @@ class RedisPubSubBackend(ChannelBackend):
         self._username = topology.username
         self._password = topology.password or None
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if topology.tls else None
-        self._on_connection_change = on_connection_change
         self._wanted: set[str] = set()
         # Replies still outstanding per channel: a channel is live once it is wanted and
         # every SUBSCRIBE/UNSUBSCRIBE written for it has been answered.
@@ -202,8 +211,6 @@ class RedisPubSubBackend(ChannelBackend):
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.connected = False
-        self.reconnects = 0
 
     # -- BroadcastBackend -------------------------------------------------------------------
 
@@ -246,12 +253,6 @@ class RedisPubSubBackend(ChannelBackend):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-    def _set_connected(self, value: bool) -> None:
-        if value != self.connected:
-            self.connected = value
-            if self._on_connection_change is not None:
-                self._on_connection_change(value)
 
     async def _run(self) -> None:
         backoff = BACKOFF_INITIAL

@@ -71,12 +71,11 @@ class ShardedPubSubBackend(ChannelBackend):
     def __init__(
         self, topology: Topology, *, on_connection_change: Callable[[bool], None] | None = None
     ) -> None:
-        super().__init__()
+        super().__init__(on_connection_change)
         self._seeds: list[Address] = list(topology.hosts)
         self._username = topology.username
         self._password = topology.password or None
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if topology.tls else None
-        self._on_connection_change = on_connection_change
         self._wanted: set[str] = set()
         self._confirmed_once: set[str] = set()
         self._owner: dict[str, _Shard] = {}
@@ -89,8 +88,6 @@ class ShardedPubSubBackend(ChannelBackend):
         self._failed = False
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.connected = False
-        self.reconnects = 0
 
     # -- BroadcastBackend -------------------------------------------------------------------
 
@@ -162,12 +159,6 @@ class ShardedPubSubBackend(ChannelBackend):
             if event is not None:
                 event.clear()
             self._kick.set()
-
-    def _set_connected(self, value: bool) -> None:
-        if value != self.connected:
-            self.connected = value
-            if self._on_connection_change is not None:
-                self._on_connection_change(value)
 
     async def _supervise(self) -> None:
         backoff = BACKOFF_INITIAL
