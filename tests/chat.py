@@ -82,5 +82,15 @@ class Chat:
         await self.ws.close()
 
 
+async def poll(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> float:
+    """Wait until `check()` is true; return the seconds it took, fail naming `what` at the deadline."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+    return time.monotonic() - started
+
+
 def texts(frames: list[dict[str, Any]]) -> list[str]:
     return [str(frame["text"]) for frame in frames]

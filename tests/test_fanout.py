@@ -120,7 +120,7 @@ async def test_many_clients_joining_a_new_room_at_once_all_get_the_first_message
 
 
 async def test_bad_frames_get_error_frames_and_the_socket_stays_open(cluster: LocalCluster) -> None:
-    chat = await Chat.join(cluster.replica_url(0).replace("http", "ws"), "errs", username="e")
+    chat = await Chat.join(cluster.replica_ws_url(0), "errs", username="e")
     await chat.ws.send(json.dumps({"type": "nope", "client_id": "x1"}))
     err = await chat.wait_for(lambda f: f.get("type") == "error")
     assert err["code"] == "invalid" and err["client_id"] == "x1"

@@ -6,13 +6,14 @@ import asyncio
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 
 import wsraw
-from chat import Chat, texts
+from chat import Chat, poll, texts
 from chorus.devcluster import LocalCluster, RedisServer, find_binary, http_status
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -22,23 +23,12 @@ def ready_states(cluster: LocalCluster) -> list[int | None]:
     return [http_status(cluster.replica_url(i) + "/readyz") for i in range(len(cluster.replicas))]
 
 
-async def poll(check: object, timeout: float, what: str) -> float:
-    """Async bounded poll; returns the seconds it took."""
-    started = time.monotonic()
-    while True:
-        if check():  # type: ignore[operator]
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def test_redis_restart_readiness_resubscribe_and_unavailable(
-    make_cluster: object, redis: RedisServer
+    make_cluster: Callable[..., LocalCluster], redis: RedisServer
 ) -> None:
-    cluster: LocalCluster = make_cluster(2)  # type: ignore[operator]
-    a = await Chat.join(cluster.replica_url(0).replace("http", "ws"), "fault", username="a")
-    b = await Chat.join(cluster.replica_url(1).replace("http", "ws"), "fault", username="b")
+    cluster: LocalCluster = make_cluster(2)
+    a = await Chat.join(cluster.replica_ws_url(0), "fault", username="a")
+    b = await Chat.join(cluster.replica_ws_url(1), "fault", username="b")
     redis.stop()
     took = await poll(lambda: ready_states(cluster) == [503, 503], 5, "/readyz 503 on both replicas")
     assert took < 5
@@ -61,11 +51,11 @@ async def test_redis_restart_readiness_resubscribe_and_unavailable(
 
 
 async def test_killed_pubsub_connection_is_restored_and_the_gap_back_filled(
-    make_cluster: object, redis: RedisServer
+    make_cluster: Callable[..., LocalCluster], redis: RedisServer
 ) -> None:
-    cluster: LocalCluster = make_cluster(2)  # type: ignore[operator]
-    sender = await Chat.join(cluster.replica_url(0).replace("http", "ws"), "gap", username="s")
-    receiver = await Chat.join(cluster.replica_url(1).replace("http", "ws"), "gap", username="r")
+    cluster: LocalCluster = make_cluster(2)
+    sender = await Chat.join(cluster.replica_ws_url(0), "gap", username="s")
+    receiver = await Chat.join(cluster.replica_ws_url(1), "gap", username="r")
     await sender.send("m0")
     await receiver.wait_for(lambda f: f.get("text") == "m0")
     # Kill every pub/sub connection and publish at once: these land while nobody listens.
@@ -84,9 +74,11 @@ async def test_killed_pubsub_connection_is_restored_and_the_gap_back_filled(
         await chat.close()
 
 
-async def test_gap_that_history_cannot_fill_sends_resync(make_cluster: object, redis: RedisServer) -> None:
-    cluster: LocalCluster = make_cluster(1)  # type: ignore[operator]
-    chat = await Chat.join(cluster.replica_url(0).replace("http", "ws"), "lost", username="x")
+async def test_gap_that_history_cannot_fill_sends_resync(
+    make_cluster: Callable[..., LocalCluster], redis: RedisServer
+) -> None:
+    cluster: LocalCluster = make_cluster(1)
+    chat = await Chat.join(cluster.replica_ws_url(0), "lost", username="x")
     await chat.send("before")
     await chat.collect(1, kind="ack")
     redis.restart()  # no persistence: the room's stream is gone
@@ -119,8 +111,8 @@ async def test_replica_started_while_redis_is_down_becomes_ready_later(
 
 
 async def test_resume_on_another_replica_after_sigkill(cluster: LocalCluster) -> None:
-    victim = await Chat.join(cluster.replica_url(0).replace("http", "ws"), "crash", username="v")
-    other = await Chat.join(cluster.replica_url(1).replace("http", "ws"), "crash", username="o")
+    victim = await Chat.join(cluster.replica_ws_url(0), "crash", username="v")
+    other = await Chat.join(cluster.replica_ws_url(1), "crash", username="o")
     await other.send("seen")
     last = (await victim.wait_for(lambda f: f.get("text") == "seen"))["id"]
     cluster.replicas[0].signal(signal.SIGKILL)
@@ -140,11 +132,11 @@ async def test_resume_on_another_replica_after_sigkill(cluster: LocalCluster) ->
 
 
 async def test_slow_consumer_is_closed_with_1013_and_memory_stays_bounded(
-    make_cluster: object,
+    make_cluster: Callable[..., LocalCluster],
 ) -> None:
-    cluster: LocalCluster = make_cluster(1, env={"CHORUS_SEND_QUEUE_SIZE": "64"})  # type: ignore[operator]
+    cluster: LocalCluster = make_cluster(1, env={"CHORUS_SEND_QUEUE_SIZE": "64"})
     port = cluster.replica_ports[0]
-    url = cluster.replica_url(0).replace("http", "ws")
+    url = cluster.replica_ws_url(0)
     slow = wsraw.handshake(port, "/ws/flood?username=slow&history=0", rcvbuf=4096)
     fast = await Chat.join(url, "flood", username="fast", history=0)
     sender = await Chat.join(url, "flood", username="sender", history=0)
@@ -176,8 +168,8 @@ async def test_slow_consumer_is_closed_with_1013_and_memory_stays_bounded(
 async def test_undecodable_payload_from_redis_cli_is_dropped_and_the_room_lives_on(
     cluster: LocalCluster, redis: RedisServer
 ) -> None:
-    a = await Chat.join(cluster.replica_url(0).replace("http", "ws"), "junk", username="a")
-    b = await Chat.join(cluster.replica_url(1).replace("http", "ws"), "junk", username="b")
+    a = await Chat.join(cluster.replica_ws_url(0), "junk", username="a")
+    b = await Chat.join(cluster.replica_ws_url(1), "junk", username="b")
     redis.cli("PUBLISH", "chorus:msg:{junk}", "plain text, not a Chorus frame")
     # Raw bytes that are not UTF-8 at all, exactly as an attacker with redis-cli would send.
     subprocess.run(
@@ -197,8 +189,8 @@ async def test_undecodable_payload_from_redis_cli_is_dropped_and_the_room_lives_
         await chat.close()
 
 
-async def test_sigterm_drains_then_exits_zero(make_cluster: object) -> None:
-    cluster: LocalCluster = make_cluster(2, env={"CHORUS_DRAIN_SECONDS": "2"})  # type: ignore[operator]
+async def test_sigterm_drains_then_exits_zero(make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster: LocalCluster = make_cluster(2, env={"CHORUS_DRAIN_SECONDS": "2"})
     url = cluster.replica_url(0)
     chats = [await Chat.join(url.replace("http", "ws"), "drain", username=f"d{i}") for i in range(8)]
     started = time.monotonic()
@@ -218,5 +210,5 @@ async def test_sigterm_drains_then_exits_zero(make_cluster: object) -> None:
     assert max(closed_at) - min(closed_at) > 0.2, "closes are spread over the drain window, not all at once"
     assert await asyncio.to_thread(cluster.replicas[0].wait, 15) == 0
     # The other replica still serves, so clients reconnect there.
-    again = await Chat.join(cluster.replica_url(1).replace("http", "ws"), "drain", username="d0")
+    again = await Chat.join(cluster.replica_ws_url(1), "drain", username="d0")
     await again.close()

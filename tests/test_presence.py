@@ -82,7 +82,7 @@ async def test_a_killed_replica_leaves_presence_within_the_expiry(
 ) -> None:
     cluster = make_cluster(3, env={"CHORUS_PRESENCE_HEARTBEAT_SECONDS": str(HEARTBEAT)})
     room = "doomed"
-    ws = [cluster.replica_url(i).replace("http", "ws") for i in range(3)]
+    ws = [cluster.replica_ws_url(i) for i in range(3)]
     victim = await Chat.join(ws[0], room, username="victim", history=0)
     # dave has a tab on the doomed replica and one on a survivor: he stays online.
     dave_doomed = await Chat.join(ws[0], room, username="dave", history=0)

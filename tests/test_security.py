@@ -32,10 +32,6 @@ def token(
     return jwt.encode({"sub": sub, "exp": int(time.time() + ttl), **claims}, key, algorithm=alg)
 
 
-def ws(cluster: LocalCluster, index: int = 0) -> str:
-    return cluster.replica_url(index).replace("http", "ws")
-
-
 async def refused(url: str, **kwargs: object) -> int:
     with pytest.raises(InvalidStatus) as info:
         async with connect(url, **kwargs):  # type: ignore[arg-type]
@@ -64,7 +60,7 @@ async def test_jwt_required_sub_is_the_name_rooms_claim_limits(
     make_cluster: Callable[..., LocalCluster], redis: RedisServer
 ) -> None:
     cluster = make_cluster(1, env={"CHORUS_AUTH_JWT_SECRET": SECRET})
-    base = ws(cluster)
+    base = cluster.replica_ws_url(0)
     commands_before = int(redis.cli("INFO", "stats").split("total_commands_processed:")[1].split()[0])
     bad = [
         f"{base}/ws/r",  # no token
@@ -107,16 +103,18 @@ async def test_public_key_tokens(make_cluster: Callable[..., LocalCluster], tmp_
     (tmp_path / "key.pem").write_bytes(pem)
     cluster = make_cluster(1, env={"CHORUS_AUTH_JWT_PUBLIC_KEY": str(tmp_path / "key.pem")})
     good = token("dora", key=private, alg="ES256")  # type: ignore[arg-type]
-    chat = await Chat.join(ws(cluster), "r", token=good)
+    chat = await Chat.join(cluster.replica_ws_url(0), "r", token=good)
     assert chat.welcome["user"] == "dora"
     await chat.close()
-    assert await refused(f"{ws(cluster)}/ws/r?token={token('eve')}") == 403, "HS256 is not accepted here"
+    assert await refused(f"{cluster.replica_ws_url(0)}/ws/r?token={token('eve')}") == 403, (
+        "HS256 is not accepted here"
+    )
 
 
 async def test_origin_check_and_no_permessage_deflate(make_cluster: Callable[..., LocalCluster]) -> None:
     cluster = make_cluster(2, env={"CHORUS_ALLOWED_ORIGINS": "https://chat.example.com"})
     port = cluster.replica_ports[0]
-    base = ws(cluster)
+    base = cluster.replica_ws_url(0)
     assert await refused(f"{base}/ws/r", origin="https://evil.example") == 403  # type: ignore[arg-type]
     async with connect(f"{base}/ws/r", origin="https://chat.example.com") as sock:  # type: ignore[arg-type]
         assert json.loads(await sock.recv())["type"] == "welcome"
@@ -127,8 +125,8 @@ async def test_origin_check_and_no_permessage_deflate(make_cluster: Callable[...
     # Default (no list): only the Host's own origin.
     default = make_cluster(1)
     dport = default.replica_ports[0]
-    assert await refused(f"{ws(default)}/ws/r", origin="http://evil.example") == 403  # type: ignore[arg-type]
-    async with connect(f"{ws(default)}/ws/r", origin=f"http://127.0.0.1:{dport}") as sock:  # type: ignore[arg-type]
+    assert await refused(f"{default.replica_ws_url(0)}/ws/r", origin="http://evil.example") == 403  # type: ignore[arg-type]
+    async with connect(f"{default.replica_ws_url(0)}/ws/r", origin=f"http://127.0.0.1:{dport}") as sock:  # type: ignore[arg-type]
         assert json.loads(await sock.recv())["type"] == "welcome"
     assert port != dport
 
@@ -137,7 +135,7 @@ async def test_frame_cap_closes_1009_and_long_text_gets_too_large(
     make_cluster: Callable[..., LocalCluster],
 ) -> None:
     cluster = make_cluster(1)
-    chat = await Chat.join(ws(cluster), "big", username="b")
+    chat = await Chat.join(cluster.replica_ws_url(0), "big", username="b")
     await chat.send("y" * 5000, client_id="c1")
     err = await chat.wait_for(lambda f: f.get("type") == "error")
     assert (err["code"], err["client_id"]) == ("too_large", "c1")
@@ -152,12 +150,12 @@ async def test_invalid_utf8_closes_1007_and_others_are_unaffected(
     make_cluster: Callable[..., LocalCluster],
 ) -> None:
     cluster = make_cluster(1)
-    watcher = await Chat.join(ws(cluster), "utf", username="w")
+    watcher = await Chat.join(cluster.replica_ws_url(0), "utf", username="w")
     sock = wsraw.handshake(cluster.replica_ports[0], "/ws/utf?username=raw")
     sock.sendall(wsraw.frame(0x1, b"\xff\xfe broken"))
     assert await asyncio.to_thread(wsraw.read_close_code, sock, 10) == 1007
     sock.close()
-    sender = await Chat.join(ws(cluster), "utf", username="s")
+    sender = await Chat.join(cluster.replica_ws_url(0), "utf", username="s")
     await sender.send("fine")
     assert (await watcher.wait_for(lambda f: f.get("type") == "message"))["text"] == "fine"
     for chat in (watcher, sender):
@@ -168,7 +166,7 @@ async def test_rate_limit_errors_then_flood_closes_1008(make_cluster: Callable[.
     cluster = make_cluster(
         1, env={"CHORUS_RATE_LIMIT": "10", "CHORUS_RATE_BURST": "20", "CHORUS_RATE_FLOOD_SECONDS": "2"}
     )
-    chat = await Chat.join(ws(cluster), "rate", username="f")
+    chat = await Chat.join(cluster.replica_ws_url(0), "rate", username="f")
     for i in range(40):
         await chat.send(f"m{i}", client_id=f"c{i}")
     await chat.collect(20, kind="ack")
@@ -196,26 +194,26 @@ async def test_connection_limits_per_replica_and_per_user(make_cluster: Callable
             "CHORUS_CONNECTION_LEASE_SECONDS": "3",
         },
     )
-    a = [await Chat.join(ws(cluster, 0), "lim", username=f"u{i}") for i in range(3)]
-    assert await refused(f"{ws(cluster, 0)}/ws/lim?username=u9") == 503
+    a = [await Chat.join(cluster.replica_ws_url(0), "lim", username=f"u{i}") for i in range(3)]
+    assert await refused(f"{cluster.replica_ws_url(0)}/ws/lim?username=u9") == 503
     await a[0].close()
-    again = await join_when_admitted(ws(cluster, 0), "lim", username="u0")  # a place was freed
+    again = await join_when_admitted(cluster.replica_ws_url(0), "lim", username="u0")  # a place was freed
     # Per user, across replicas: two on replica 1, a third anywhere is refused.
-    b = [await Chat.join(ws(cluster, 1), "lim", username="zed") for _ in range(2)]
-    assert await refused(f"{ws(cluster, 1)}/ws/lim?username=zed") == 429
+    b = [await Chat.join(cluster.replica_ws_url(1), "lim", username="zed") for _ in range(2)]
+    assert await refused(f"{cluster.replica_ws_url(1)}/ws/lim?username=zed") == 429
     for chat in (again, *a[1:]):
         await chat.close()
     deadline = time.monotonic() + 10
-    while (status := await refused(f"{ws(cluster, 0)}/ws/lim?username=zed")) == 503:
+    while (status := await refused(f"{cluster.replica_ws_url(0)}/ws/lim?username=zed")) == 503:
         assert time.monotonic() < deadline, "replica 0 never noticed its sockets closed"
         await asyncio.sleep(0.1)
     assert status == 429, "the per-user limit holds across replicas"
     await b[0].close()
-    b[0] = await join_when_admitted(ws(cluster, 1), "lim", username="zed")  # closing released it
+    b[0] = await join_when_admitted(cluster.replica_ws_url(1), "lim", username="zed")  # closing released it
     # A replica that dies without saying goodbye: its leases run out (3 s here).
     cluster.replicas[1].signal(9)
     cluster.replicas[1].wait(10)
-    zed = await join_when_admitted(ws(cluster, 0), "lim", username="zed")
+    zed = await join_when_admitted(cluster.replica_ws_url(0), "lim", username="zed")
     await zed.close()
     text = await metrics_text(cluster)
     assert 'chorus_rejections_total{reason="max_connections"}' in text
@@ -250,7 +248,7 @@ async def test_dead_peers_and_stalled_handshakes_are_dropped(
     assert time.monotonic() - started < 8
     silent.close()
     # A reader that answers pings (every client library does) stays.
-    live = await Chat.join(ws(cluster), "r", username="reader")
+    live = await Chat.join(cluster.replica_ws_url(0), "r", username="reader")
     await live.drain_for(3)
     assert live.ws.close_code is None
     await live.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
-from chat import Chat, texts
+from chat import Chat, poll, texts
 from chorus.devcluster import (
     LocalCluster,
     Process,
@@ -110,15 +109,6 @@ def ready_states(cluster: LocalCluster) -> list[int | None]:
     return [http_status(cluster.replica_url(i) + "/readyz") for i in range(len(cluster.replicas))]
 
 
-async def poll(check: object, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not check():  # type: ignore[operator]
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
-
-
 async def test_master_sigkill_failover(
     sentinel_setup: SentinelSetup, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -127,8 +117,8 @@ async def test_master_sigkill_failover(
     cluster = LocalCluster(2, redis=setup.master, env=env, workdir=tmp_path_factory.mktemp("chorus"))
     try:
         cluster.start()
-        a = await Chat.join(cluster.replica_url(0).replace("http", "ws"), "fo", username="a")
-        b = await Chat.join(cluster.replica_url(1).replace("http", "ws"), "fo", username="b")
+        a = await Chat.join(cluster.replica_ws_url(0), "fo", username="a")
+        b = await Chat.join(cluster.replica_ws_url(1), "fo", username="b")
         await a.send("m0")
         await b.wait_for(lambda f: f.get("text") == "m0")
 

@@ -129,6 +129,22 @@ async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *c
             return replies[0]
 
 
+async def open_authenticated(
+    host: str, port: int, *, tls: ssl.SSLContext | None, username: str | None, password: str | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A new connection to one Redis node, AUTHed when a password is set; ConnectionError if refused."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=tls), CONNECT_TIMEOUT)
+    if password is not None:
+        auth: tuple[bytes | str, ...] = (
+            (b"AUTH", password) if username is None else (b"AUTH", username, password)
+        )
+        reply = await request(reader, writer, *auth)
+        if isinstance(reply, RespError):
+            writer.close()
+            raise ConnectionError(f"Redis refused AUTH: {reply}")
+    return reader, writer
+
+
 async def reply_batches(
     reader: asyncio.StreamReader, keepalive: Callable[[], Awaitable[None]]
 ) -> AsyncIterator[list[Any]]:
@@ -291,17 +307,10 @@ class RedisPubSubBackend(ChannelBackend):
 
     async def _open(self) -> asyncio.StreamReader:
         host, port = (self._host, self._port) if self._resolve is None else await self._resolve()
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=self._ssl), CONNECT_TIMEOUT
+        reader, writer = await open_authenticated(
+            host, port, tls=self._ssl, username=self._username, password=self._password
         )
         self._writer = writer
-        if self._password is not None:
-            auth: tuple[bytes | str, ...] = (b"AUTH", self._password)
-            if self._username is not None:
-                auth = (b"AUTH", self._username, self._password)
-            reply = await request(reader, writer, *auth)
-            if isinstance(reply, RespError):
-                raise ConnectionError(f"Redis refused AUTH: {reply}")
         if self._resolve is not None:
             # Sentinel may still name a master that has just been demoted (or not yet promoted).
             role = await request(reader, writer, b"ROLE")

@@ -346,6 +346,9 @@ class LocalCluster:
     def replica_url(self, index: int) -> str:
         return f"http://127.0.0.1:{self.replica_ports[index]}"
 
+    def replica_ws_url(self, index: int) -> str:
+        return f"ws://127.0.0.1:{self.replica_ports[index]}"
+
     def replica_name(self, index: int) -> str:
         return f"replica-{index}"
 

@@ -28,11 +28,11 @@ from redis.crc import key_slot
 from .backend import (
     BACKOFF_CAP,
     BACKOFF_INITIAL,
-    CONNECT_TIMEOUT,
     GAP,
     ChannelBackend,
     RespError,
     encode_command,
+    open_authenticated,
     reply_batches,
     request,
 )
@@ -226,18 +226,9 @@ class ShardedPubSubBackend(ChannelBackend):
         raise ConnectionError("; ".join(errors) or "no seed nodes")
 
     async def _open(self, address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(*address, ssl=self._ssl), CONNECT_TIMEOUT
+        return await open_authenticated(
+            *address, tls=self._ssl, username=self._username, password=self._password
         )
-        if self._password is not None:
-            auth: tuple[bytes | str, ...] = (b"AUTH", self._password)
-            if self._username is not None:
-                auth = (b"AUTH", self._username, self._password)
-            reply = await request(reader, writer, *auth)
-            if isinstance(reply, RespError):
-                writer.close()
-                raise ConnectionError(f"Redis refused AUTH: {reply}")
-        return reader, writer
 
     # -- one shard's connection -------------------------------------------------------------
 
