@@ -19,6 +19,14 @@ from chorus.devcluster import LocalCluster, RedisServer, find_binary, http_statu
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
+def metric_value(text: str, name: str) -> float:
+    """A sample's value in Prometheus text (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
 def ready_states(cluster: LocalCluster) -> list[int | None]:
     return [http_status(cluster.replica_url(i) + "/readyz") for i in range(len(cluster.replicas))]
 
@@ -67,9 +75,15 @@ async def test_killed_pubsub_connection_is_restored_and_the_gap_back_filled(
     await receiver.drain_for(0.5)
     assert texts(receiver.of("message")) == [f"m{i}" for i in range(21)], "back-filled, once each, in order"
     assert not receiver.of("resync")
+    # The operator sees it: the reconnect and the back-fill are counted (gauges sampled each second).
     async with httpx.AsyncClient() as http:
-        metrics = (await http.get(cluster.replica_url(1) + "/metrics")).text
-    assert "chorus_broker_reconnects_total" in metrics
+        for _ in range(40):
+            metrics = (await http.get(cluster.replica_url(1) + "/metrics")).text
+            if metric_value(metrics, "chorus_broker_reconnects_total") >= 1:
+                break
+            await asyncio.sleep(0.1)
+    assert metric_value(metrics, "chorus_broker_reconnects_total") >= 1
+    assert metric_value(metrics, "chorus_broker_backfilled_total") >= 1
     for chat in (sender, receiver):
         await chat.close()
 
