@@ -226,3 +226,18 @@ async def test_sigterm_drains_then_exits_zero(make_cluster: Callable[..., LocalC
     # The other replica still serves, so clients reconnect there.
     again = await Chat.join(cluster.replica_ws_url(1), "drain", username="d0")
     await again.close()
+
+
+async def test_sigterm_with_redis_gone_still_exits_zero(
+    make_cluster: Callable[..., LocalCluster], redis: RedisServer
+) -> None:
+    """Shutdown must not wait on a Redis that is not there (every goodbye step is bounded)."""
+    cluster = make_cluster(1)
+    chat = await Chat.join(cluster.replica_ws_url(0), "bye", username="b")
+    await chat.send("settled")  # the ack proves the join (history replay included) is over
+    await chat.collect(1, kind="ack")
+    redis.kill()
+    cluster.replicas[0].signal(signal.SIGTERM)
+    assert await asyncio.to_thread(cluster.replicas[0].wait, 30) == 0
+    await asyncio.wait_for(chat.ws.wait_closed(), 10)
+    assert chat.ws.close_code == 1012

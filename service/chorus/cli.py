@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -63,11 +64,12 @@ def _serve(host: str, port: int, workers: int | None) -> int:
 def _dev_cluster(replicas: int, port: int, workers: int) -> int:
     from .devcluster import HarnessError, LocalCluster
 
+    # SIGTERM (e.g. `timeout`, a CI runner) must stop the children too, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
     cluster = LocalCluster(replicas, port=port, workers=workers)
     try:
-        cluster.start()
+        cluster.start()  # stops what it started when it fails
     except HarnessError as exc:
-        cluster.stop()
         print(f"chorus: error: {exc}", file=sys.stderr)
         return 1
     print(f"Chorus dev cluster: {replicas} replicas behind {cluster.url}  (Redis {cluster.redis.url})")

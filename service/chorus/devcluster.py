@@ -378,17 +378,22 @@ class LocalCluster:
         return Process(self.replica_name(index), argv, log, env)
 
     def start(self, *, wait_ready: bool = True) -> LocalCluster:
-        if self._own_redis:
-            self.redis.start()
-        self.replicas = [self._replica_process(i) for i in range(len(self.replica_ports))]
-        for replica in self.replicas:
-            replica.start()
-        if wait_ready:
-            for index in range(len(self.replicas)):
-                self.wait_ready(index)
-        self._start_proxy()
-        if wait_ready:
-            self.wait_proxy_sees(len(self.replicas))
+        """Start everything; on any failure stop what was started, then raise."""
+        try:
+            if self._own_redis:
+                self.redis.start()
+            self.replicas = [self._replica_process(i) for i in range(len(self.replica_ports))]
+            for replica in self.replicas:
+                replica.start()
+            if wait_ready:
+                for index in range(len(self.replicas)):
+                    self.wait_ready(index)
+            self._start_proxy()
+            if wait_ready:
+                self.wait_proxy_sees(len(self.replicas))
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def proxy_servers_up(self) -> int:
