@@ -176,9 +176,11 @@ class RedisServer:
             wait_until(lambda: not self.ping(), 10, "redis-server to stop")
 
     def kill(self) -> None:
+        """SIGKILL, as a crash would; the log file is released as on a clean stop."""
         if self.process is not None:
             self.process.signal(signal.SIGKILL)
             self.process.wait(10)
+            self.process.stop()
 
     def restart(self) -> None:
         self.stop()
