@@ -67,9 +67,15 @@ async def join_all(base: str, rooms: list[str], prefix: str) -> list[Chat]:
     chats: list[Chat] = []
     for start in range(0, len(rooms), 50):
         batch = rooms[start : start + 50]
-        chats += await asyncio.gather(
-            *(Chat.join(base, room, username=f"{prefix}{room}", history=0) for room in batch)
+        joined = await asyncio.gather(
+            *(Chat.join(base, room, username=f"{prefix}{room}", history=0) for room in batch),
+            return_exceptions=True,
         )
+        chats += [chat for chat in joined if isinstance(chat, Chat)]
+        failed = [error for error in joined if isinstance(error, BaseException)]
+        if failed:
+            await asyncio.gather(*(chat.close() for chat in chats))
+            raise failed[0]
     return chats
 
 
@@ -80,23 +86,27 @@ async def test_200_rooms_on_every_shard_once_in_order_and_unsubscribed_after(
     owners = {room: owner(redis_cluster, key_slot(channel(room).encode())).port for room in rooms}
     assert len(set(owners.values())) == 3, "the rooms span every shard"
     left = await join_all(chorus.replica_ws_url(0), rooms, "a")
-    right = await join_all(chorus.replica_ws_url(1), rooms, "b")
-    for i in range(3):
-        for a, b in zip(left, right, strict=True):
-            await a.send(f"a{i}")
-            await b.send(f"b{i}")
-    for chats, other in ((left, "b"), (right, "a")):
-        for chat in chats:
-            got = await chat.collect(3, timeout=20)
-            assert texts(got) == [f"{other}{i}" for i in range(3)], chat.welcome
-    # Each shard carries exactly its own rooms, subscribed once per Chorus replica.
-    for master in redis_cluster.masters():
-        subscribed = {c for c in shard_channels(master) if c.startswith("chorus:msg:")}
-        assert subscribed == {channel(room) for room in rooms if owners[room] == master.port}
-        with client(master) as conn:
-            counts = conn.execute_command("PUBSUB", "SHARDNUMSUB", *sorted(subscribed)[:5])
-        assert all(int(count) == 2 for count in counts[1::2])
-    await asyncio.gather(*(chat.close() for chat in left + right))
+    right: list[Chat] = []
+    try:
+        right = await join_all(chorus.replica_ws_url(1), rooms, "b")
+        for i in range(3):
+            for a, b in zip(left, right, strict=True):
+                await a.send(f"a{i}")
+                await b.send(f"b{i}")
+        for chats, other in ((left, "b"), (right, "a")):
+            for chat in chats:
+                got = await chat.collect(3, timeout=20)
+                assert texts(got) == [f"{other}{i}" for i in range(3)], chat.welcome
+        # Each shard carries exactly its own rooms, subscribed once per Chorus replica.
+        for master in redis_cluster.masters():
+            subscribed = {c for c in shard_channels(master) if c.startswith("chorus:msg:")}
+            assert subscribed == {channel(room) for room in rooms if owners[room] == master.port}
+            with client(master) as conn:
+                counts = conn.execute_command("PUBSUB", "SHARDNUMSUB", *sorted(subscribed)[:5])
+            assert all(int(count) == 2 for count in counts[1::2])
+    finally:
+        # Closed even when an assertion fails: 400 open sockets would fail later tests too.
+        await asyncio.gather(*(chat.close() for chat in left + right))
 
     def rooms_left() -> set[str]:
         return {

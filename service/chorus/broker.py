@@ -57,6 +57,12 @@ async def redis_call(call: Awaitable[Any], timeout: float) -> Any:
         return await asyncio.wait_for(call, timeout)
     except (RedisError, OSError, TimeoutError) as exc:
         raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+    except Exception as exc:
+        # redis-py's async cluster client can fail with a bare AttributeError when a command
+        # times out during a connect (seen at 400 simultaneous joins): for the caller that is
+        # still "Redis did not answer", never an HTTP 500. The traceback stays in the log.
+        log.warning("Redis client failed unexpectedly; treating it as unavailable", exc_info=True)
+        raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
