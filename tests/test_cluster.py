@@ -93,6 +93,12 @@ async def test_200_rooms_on_every_shard_once_in_order_and_unsubscribed_after(
             for a, b in zip(left, right, strict=True):
                 await a.send(f"a{i}")
                 await b.send(f"b{i}")
+        for chat in left + right:
+            # A burst of 400 sends in a healthy cluster must queue for Redis, never be refused.
+            replies = [
+                await chat.wait_for(lambda f: f["type"] in ("ack", "error"), timeout=20) for _ in range(3)
+            ]
+            assert [reply["type"] for reply in replies] == ["ack"] * 3, (chat.welcome, replies)
         for chats, other in ((left, "b"), (right, "a")):
             for chat in chats:
                 got = await chat.collect(3, timeout=20)

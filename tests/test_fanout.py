@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -117,6 +118,23 @@ async def test_many_clients_joining_a_new_room_at_once_all_get_the_first_message
         frame = await chat.wait_for(lambda f: f.get("type") == "message")
         assert frame["text"] == "first!"
     await asyncio.gather(*(chat.close() for chat in chats))
+
+
+async def test_a_send_burst_bigger_than_the_redis_pool_waits_its_turn_and_is_never_refused(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    # Two commands in flight at a time for 40 sockets that join and send at once: redis-py's
+    # own pool would refuse the overflow (MaxConnectionsError); the sends must queue instead.
+    cluster = make_cluster(1, env={"CHORUS_REDIS_MAX_CONNECTIONS": "2"})
+    chats = await asyncio.gather(
+        *(Chat.join(cluster.replica_ws_url(0), f"burst{i}", username=f"b{i}", history=0) for i in range(40))
+    )
+    try:
+        await asyncio.gather(*(chat.send("now", client_id="c") for chat in chats))
+        replies = [await chat.wait_for(lambda f: f.get("client_id") == "c") for chat in chats]
+        assert [reply["type"] for reply in replies] == ["ack"] * len(chats), replies
+    finally:
+        await asyncio.gather(*(chat.close() for chat in chats))
 
 
 async def test_bad_frames_get_error_frames_and_the_socket_stays_open(cluster: LocalCluster) -> None:

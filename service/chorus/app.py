@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Presence entries are named by connection tag, so they share the tags' prefix.
         tag_prefix = secrets.token_hex(4).encode()
         presence = create_presence(settings, broker, owner=tag_prefix.decode())
-        limiter = create_user_limiter(settings)
+        limiter = create_user_limiter(settings, broker)
         runtime = Runtime(
             settings, broker, hub, health, presence, Gatekeeper(settings), limiter, tag_prefix=tag_prefix
         )

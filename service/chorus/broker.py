@@ -8,6 +8,7 @@ a single replica (`CHORUS_REDIS_URL` unset).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import time
@@ -24,7 +25,7 @@ from .backend import RedisPubSubBackend
 from .config import Settings
 from .protocol import ZERO_ID, StreamId, encode_published, message_frame
 from .shards import ShardedPubSubBackend
-from .topology import SentinelResolver, command_client
+from .topology import SentinelResolver, Topology, command_client
 
 log = logging.getLogger("chorus.broker")
 
@@ -51,18 +52,44 @@ class BrokerUnavailable(Exception):
     """Redis could not take the message in time; the sender gets an `unavailable` error frame."""
 
 
-async def redis_call(call: Awaitable[Any], timeout: float) -> Any:
-    """Await one Redis command (or script, or pipeline) within `timeout`; BrokerUnavailable if not."""
-    try:
-        return await asyncio.wait_for(call, timeout)
-    except (RedisError, OSError, TimeoutError) as exc:
-        raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
-    except Exception as exc:
-        # redis-py's async cluster client can fail with a bare AttributeError when a command
-        # times out during a connect (seen at 400 simultaneous joins): for the caller that is
-        # still "Redis did not answer", never an HTTP 500. The traceback stays in the log.
-        log.warning("Redis client failed unexpectedly; treating it as unavailable", exc_info=True)
-        raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+class RedisCommands:
+    """The process's one redis-py client for commands and scripts (broker, presence, limits).
+
+    Every call is bounded in time (`timeout`, waiting for a slot included) and in concurrency:
+    at most `max_in_flight` commands at once, the rest wait their turn. redis-py's pools open
+    a connection per concurrent command and, past their size, fail at once (the cluster
+    client's `MaxConnectionsError`, seen when 200 sockets sent at once): a burst must queue,
+    not be refused while Redis is healthy.
+    """
+
+    def __init__(self, topology: Topology, *, timeout: float, max_in_flight: int) -> None:
+        self.timeout = timeout
+        # A little headroom over the slots: the cluster client's own topology refreshes.
+        self.client = command_client(
+            topology, timeout=timeout, health_check_interval=10, max_connections=max_in_flight + 4
+        )
+        self._slots = asyncio.Semaphore(max_in_flight)
+
+    async def call(self, call: Awaitable[Any]) -> Any:
+        """Await one command (or script, or pipeline); BrokerUnavailable when it fails or is late."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self._slots:
+                    return await call
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
+        except Exception as exc:
+            # redis-py's async cluster client can fail with a bare AttributeError when a command
+            # times out during a connect (seen at 400 simultaneous joins): for the caller that is
+            # still "Redis did not answer", never an HTTP 500. The traceback stays in the log.
+            log.warning("Redis client failed unexpectedly; treating it as unavailable", exc_info=True)
+            raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            if inspect.iscoroutine(call):
+                call.close()  # never started when the deadline came during the wait for a slot
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,13 +163,17 @@ class RedisBroker(Broker):
             )
         super().__init__(Broadcast(backend=self._backend))
         self._publish = "SPUBLISH" if topology.cluster else "PUBLISH"
-        self._redis = command_client(topology, timeout=self._timeout, health_check_interval=10)
+        # Shared with presence and the connection limiter, which the lifespan stops first.
+        self.commands = RedisCommands(
+            topology, timeout=self._timeout, max_in_flight=settings.redis_max_connections
+        )
+        self._redis = self.commands.client
         script = APPEND_AND_SPUBLISH if topology.cluster else APPEND_AND_PUBLISH
         self._append = self._redis.register_script(script)
 
     async def stop(self) -> None:
         await super().stop()
-        await self._redis.aclose()
+        await self.commands.aclose()
         if self._resolver is not None:
             await self._resolver.aclose()
 
@@ -158,7 +189,7 @@ class RedisBroker(Broker):
         await self._backend.wait_live(channel)
 
     async def _call(self, coro: Awaitable[Any]) -> Any:
-        return await redis_call(coro, self._timeout)
+        return await self.commands.call(coro)
 
     async def append(self, room: str, tail: bytes, sender: bytes) -> bytes:
         keys = [stream_key(room), channel_key(room)]

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     probe_interval_seconds: float = Field(1.0, gt=0, le=60)
     probe_timeout_seconds: float = Field(1.5, gt=0, le=60)
     broker_timeout_seconds: float = Field(1.5, gt=0, le=60)
+    # -- Redis commands in flight at once per process (one connection each); more wait their turn.
+    redis_max_connections: int = Field(32, ge=1, le=10_000)
     # -- Presence heartbeat; a replica that dies is gone from presence after 3 missed beats.
     presence_heartbeat_seconds: float = Field(3.0, gt=0, le=60)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

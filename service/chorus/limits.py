@@ -15,9 +15,8 @@ import time
 from collections.abc import Awaitable
 from typing import Any, Final
 
-from .broker import BrokerUnavailable, redis_call
+from .broker import Broker, BrokerUnavailable, RedisBroker, RedisCommands
 from .config import Settings
-from .topology import command_client
 
 log = logging.getLogger("chorus.limits")
 
@@ -66,11 +65,11 @@ class UserLimiter:
 
 
 class RedisUserLimiter(UserLimiter):
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, commands: RedisCommands) -> None:
         super().__init__(settings.max_connections_per_user)
-        self._timeout = settings.broker_timeout_seconds
         self._lease = settings.connection_lease_seconds
-        self._redis = command_client(settings.redis_topology, timeout=self._timeout)
+        self._commands = commands
+        self._redis = commands.client
         self._acquire = self._redis.register_script(ACQUIRE)
         self._task: asyncio.Task[None] | None = None
 
@@ -81,10 +80,9 @@ class RedisUserLimiter(UserLimiter):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._redis.aclose()
 
     async def _call(self, coro: Awaitable[Any]) -> Any:
-        return await redis_call(coro, self._timeout)
+        return await self._commands.call(coro)
 
     async def acquire(self, user: str, tag: str) -> bool:
         if not await super().acquire(user, tag):
@@ -121,7 +119,7 @@ class RedisUserLimiter(UserLimiter):
                 log.warning("could not renew connection leases: %s", exc)
 
 
-def create_user_limiter(settings: Settings) -> UserLimiter:
-    if settings.uses_redis and settings.max_connections_per_user:
-        return RedisUserLimiter(settings)
+def create_user_limiter(settings: Settings, broker: Broker) -> UserLimiter:
+    if isinstance(broker, RedisBroker) and settings.max_connections_per_user:
+        return RedisUserLimiter(settings, broker.commands)
     return UserLimiter(settings.max_connections_per_user)

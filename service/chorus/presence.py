@@ -22,10 +22,9 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .broker import Broker, BrokerUnavailable, channel_key, redis_call
+from .broker import Broker, BrokerUnavailable, RedisBroker, RedisCommands, channel_key
 from .config import Settings
 from .protocol import encode_published, presence_frame
-from .topology import command_client
 
 log = logging.getLogger("chorus.presence")
 
@@ -179,14 +178,14 @@ class MemoryPresence(Presence):
 class RedisPresence(Presence):
     """Entries in Redis, a heartbeat per process, and reaping of processes that died."""
 
-    def __init__(self, settings: Settings, *, owner: str) -> None:
+    def __init__(self, settings: Settings, commands: RedisCommands, *, owner: str) -> None:
         # `owner` prefixes every entry of this process (the connection tags' prefix).
         self.owner = owner
         self.interval = settings.presence_heartbeat_seconds
         self._ttl_ms = int(self.interval * HEARTBEATS_TO_EXPIRE * 1000)
-        self._timeout = settings.broker_timeout_seconds
         topology = settings.redis_topology
-        self._redis = command_client(topology, timeout=self._timeout)
+        self._commands = commands
+        self._redis = commands.client
         # Each script's keys share the room's hash tag (one slot); in a Cluster the room's
         # channel is a shard channel, so announcements go out with SPUBLISH.
         publish = (lambda script: script.replace("'PUBLISH'", "'SPUBLISH'")) if topology.cluster else str
@@ -210,10 +209,9 @@ class RedisPresence(Presence):
             await self._call(self._redis.srem(REPLICAS_KEY, self.owner))
         except BrokerUnavailable as exc:
             log.warning("presence goodbye failed (%s); other replicas will expire our entries", exc)
-        await self._redis.aclose()
 
     async def _call(self, coro: Awaitable[Any]) -> Any:
-        return await redis_call(coro, self._timeout)
+        return await self._commands.call(coro)
 
     async def _run_script(self, script: Any, member: Member, sender: str) -> Any:
         keys = [entries_key(member.room), users_key(member.room), channel_key(member.room)]
@@ -278,6 +276,6 @@ class RedisPresence(Presence):
 
 
 def create_presence(settings: Settings, broker: Broker, *, owner: str) -> Presence:
-    if settings.uses_redis:
-        return RedisPresence(settings, owner=owner)
+    if isinstance(broker, RedisBroker):
+        return RedisPresence(settings, broker.commands, owner=owner)
     return MemoryPresence(broker)

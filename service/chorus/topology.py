@@ -146,14 +146,16 @@ def _db(text: str, url: str) -> int:
 
 
 def command_client(
-    topology: Topology, *, timeout: float, health_check_interval: float = 0
+    topology: Topology, *, timeout: float, max_connections: int, health_check_interval: float = 0
 ) -> aioredis.Redis | aioredis.RedisCluster:
-    """A redis-py client for commands and scripts, for any topology (RESP2, `timeout` everywhere)."""
+    """A redis-py client for commands and scripts, for any topology (RESP2, `timeout` everywhere,
+    at most `max_connections` per Redis node)."""
     common: dict[str, Any] = {
         "protocol": 2,
         "socket_connect_timeout": timeout,
         "socket_timeout": timeout,
         "health_check_interval": health_check_interval,
+        "max_connections": max_connections,
     }
     if topology.mode == "standalone":
         return aioredis.Redis.from_url(topology.url, **common)
