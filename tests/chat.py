@@ -1,4 +1,4 @@
-"""A small test client for the Chorus protocol, with bounded waits."""
+"""A small test client for the Chorus protocol and its /metrics, with bounded waits."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 from websockets.asyncio.client import ClientConnection, connect
 
 
@@ -94,3 +95,17 @@ async def poll(check: Callable[[], bool], timeout: float, what: str, interval: f
 
 def texts(frames: list[dict[str, Any]]) -> list[str]:
     return [str(frame["text"]) for frame in frames]
+
+
+async def metrics_text(replica_url: str) -> str:
+    """One replica's /metrics, in Prometheus text."""
+    async with httpx.AsyncClient() as http:
+        return (await http.get(replica_url + "/metrics")).text
+
+
+def metric_value(text: str, name: str) -> float:
+    """A sample's value in Prometheus text (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0

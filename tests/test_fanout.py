@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chat import Chat, texts
+from chat import Chat, metric_value, metrics_text, texts
 from chorus.devcluster import LocalCluster
 from conftest import MemoryReplica
 
@@ -133,6 +133,30 @@ async def test_a_send_burst_bigger_than_the_redis_pool_waits_its_turn_and_is_nev
         await asyncio.gather(*(chat.send("now", client_id="c") for chat in chats))
         replies = [await chat.wait_for(lambda f: f.get("client_id") == "c") for chat in chats]
         assert [reply["type"] for reply in replies] == ["ack"] * len(chats), replies
+    finally:
+        await asyncio.gather(*(chat.close() for chat in chats))
+
+
+@pytest.mark.parametrize("window", ["0.1", "0"])
+async def test_a_busy_room_shares_socket_writes_within_the_coalescing_window(
+    make_cluster: Callable[..., LocalCluster], window: str
+) -> None:
+    # 20 messages sent back to back fall in one 100 ms window (after the first, written at
+    # once): each member gets them in fewer writes, in order. With no window, one write each.
+    cluster = make_cluster(1, env={"CHORUS_COALESCE_SECONDS": window})
+    url = cluster.replica_ws_url(0)
+    chats = [await Chat.join(url, "busy", username=f"w{i}", history=0) for i in range(6)]
+    try:
+        for i in range(20):
+            await chats[0].send(f"m{i}")
+        await chats[0].collect(20, kind="ack")  # read, or the client stops reading before the close
+        for chat in chats[1:]:
+            assert texts(await chat.collect(20)) == [f"m{i}" for i in range(20)]
+        saved = metric_value(await metrics_text(cluster.replica_url(0)), "chorus_writes_coalesced_total")
+        if window == "0":
+            assert saved == 0
+        else:
+            assert saved >= 5, "each of the 5 receivers shared at least one write"
     finally:
         await asyncio.gather(*(chat.close() for chat in chats))
 

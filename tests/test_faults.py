@@ -13,18 +13,10 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 import wsraw
-from chat import Chat, poll, texts
+from chat import Chat, metric_value, metrics_text, poll, texts
 from chorus.devcluster import LocalCluster, RedisServer, find_binary, http_status
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-
-def metric_value(text: str, name: str) -> float:
-    """A sample's value in Prometheus text (0 when absent)."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
 
 
 def ready_states(cluster: LocalCluster) -> list[int | None]:
@@ -76,12 +68,11 @@ async def test_killed_pubsub_connection_is_restored_and_the_gap_back_filled(
     assert texts(receiver.of("message")) == [f"m{i}" for i in range(21)], "back-filled, once each, in order"
     assert not receiver.of("resync")
     # The operator sees it: the reconnect and the back-fill are counted (gauges sampled each second).
-    async with httpx.AsyncClient() as http:
-        for _ in range(40):
-            metrics = (await http.get(cluster.replica_url(1) + "/metrics")).text
-            if metric_value(metrics, "chorus_broker_reconnects_total") >= 1:
-                break
-            await asyncio.sleep(0.1)
+    for _ in range(40):
+        metrics = await metrics_text(cluster.replica_url(1))
+        if metric_value(metrics, "chorus_broker_reconnects_total") >= 1:
+            break
+        await asyncio.sleep(0.1)
     assert metric_value(metrics, "chorus_broker_reconnects_total") >= 1
     assert metric_value(metrics, "chorus_broker_backfilled_total") >= 1
     for chat in (sender, receiver):
@@ -171,8 +162,7 @@ async def test_slow_consumer_is_closed_with_1013_and_memory_stays_bounded(
     assert grown < 5000, f"replica RSS grew by {grown} KiB"
     assert await asyncio.to_thread(wsraw.read_close_code, slow, 20) == 1013
     slow.close()
-    async with httpx.AsyncClient() as http:
-        metrics = (await http.get(cluster.replica_url(0) + "/metrics")).text
+    metrics = await metrics_text(cluster.replica_url(0))
     assert 'chorus_messages_dropped_total{reason="slow_consumer"}' in metrics
     assert 'chorus_connections_closed_total{code="1013"}' in metrics
     for chat in (fast, sender):

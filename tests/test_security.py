@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -18,7 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import wsraw
-from chat import Chat
+from chat import Chat, metrics_text
 from chorus.devcluster import LocalCluster, RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -49,11 +48,6 @@ async def join_when_admitted(base: str, room: str, timeout: float = 15, **params
             assert exc.response.status_code in (429, 503), exc
             assert time.monotonic() < deadline, f"still refused after {timeout}s"
             await asyncio.sleep(0.1)
-
-
-async def metrics_text(cluster: LocalCluster, index: int = 0) -> str:
-    async with httpx.AsyncClient() as http:
-        return (await http.get(cluster.replica_url(index) + "/metrics")).text
 
 
 async def test_jwt_required_sub_is_the_name_rooms_claim_limits(
@@ -90,7 +84,7 @@ async def test_jwt_required_sub_is_the_name_rooms_claim_limits(
     log = cluster.replicas[0].output()
     assert "token=eyJ" not in log and "token=garbage" not in log and "bearer." not in log
     assert "token=***" in log
-    text = await metrics_text(cluster)
+    text = await metrics_text(cluster.replica_url(0))
     assert 'chorus_rejections_total{reason="unauthorized"}' in text
     assert 'chorus_rejections_total{reason="forbidden_room"}' in text
 
@@ -182,7 +176,8 @@ async def test_rate_limit_errors_then_flood_closes_1008(make_cluster: Callable[.
             break
     await asyncio.wait_for(chat.ws.wait_closed(), 10)
     assert chat.ws.close_code == 1008
-    assert 'chorus_messages_dropped_total{reason="rate_limited"}' in await metrics_text(cluster)
+    text = await metrics_text(cluster.replica_url(0))
+    assert 'chorus_messages_dropped_total{reason="rate_limited"}' in text
 
 
 async def test_connection_limits_per_replica_and_per_user(make_cluster: Callable[..., LocalCluster]) -> None:
@@ -215,7 +210,7 @@ async def test_connection_limits_per_replica_and_per_user(make_cluster: Callable
     cluster.replicas[1].wait(10)
     zed = await join_when_admitted(cluster.replica_ws_url(0), "lim", username="zed")
     await zed.close()
-    text = await metrics_text(cluster)
+    text = await metrics_text(cluster.replica_url(0))
     assert 'chorus_rejections_total{reason="max_connections"}' in text
     assert 'chorus_rejections_total{reason="max_connections_per_user"}' in text
 

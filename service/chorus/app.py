@@ -52,7 +52,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             interval=settings.probe_interval_seconds,
             timeout=settings.probe_timeout_seconds,
         )
-        hub = Hub(broker, join_timeout=5.0, replay_limit=settings.history_size)
+        hub = Hub(
+            broker,
+            join_timeout=5.0,
+            replay_limit=settings.history_size,
+            coalesce_seconds=settings.coalesce_seconds,
+        )
         # Presence entries are named by connection tag, so they share the tags' prefix.
         tag_prefix = secrets.token_hex(4).encode()
         presence = create_presence(settings, broker, owner=tag_prefix.decode())

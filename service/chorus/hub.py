@@ -18,7 +18,7 @@ from broadcaster import Event
 from . import metrics
 from .backend import GAP
 from .broker import Broker, BrokerUnavailable, Entry, channel_key
-from .connection import Connection
+from .connection import Coalescer, Connection
 from .protocol import (
     CLOSE_INTERNAL_ERROR,
     ZERO_ID,
@@ -48,8 +48,11 @@ class Room:
 class Hub:
     """Rooms with members on this replica, and their one subscription each."""
 
-    def __init__(self, broker: Broker, *, join_timeout: float, replay_limit: int) -> None:
+    def __init__(
+        self, broker: Broker, *, join_timeout: float, replay_limit: int, coalesce_seconds: float = 0.0
+    ) -> None:
         self.broker = broker
+        self.coalescer = Coalescer(coalesce_seconds)
         self.join_timeout = join_timeout
         self.replay_limit = replay_limit
         self.rooms: dict[str, Room] = {}
@@ -170,9 +173,10 @@ class Hub:
         sender = self._by_tag.get(msg.sender)
         frame = msg.frame
         msg_id = msg.id
+        coalescer = self.coalescer.hold()
         delivered = 0
         for conn in room.members:
-            if conn is not sender and conn.deliver(msg_id, frame):
+            if conn is not sender and conn.deliver(msg_id, frame, coalescer):
                 delivered += 1
         metrics.MESSAGES_DELIVERED.inc(delivered)
         metrics.FANOUT_LATENCY.observe(max(0.0, time.time() - msg.ts))

@@ -37,6 +37,10 @@ MESSAGES_DROPPED = Counter(
     "Messages not delivered or not published, by reason.",
     ["reason"],
 )
+WRITES_COALESCED = Counter(
+    "chorus_writes_coalesced",
+    "Frames that went out in the same socket write as an earlier frame (system calls saved).",
+)
 FANOUT_LATENCY = Histogram(
     "chorus_fanout_latency_seconds",
     "From a message's timestamp to its fan-out on this replica.",

@@ -90,15 +90,17 @@ class FrameWriter:
         self._transport.write(b"".join(map(_text_frame, frames)))
 
 
-# The last frame built: a fan-out writes the same string object to every member in turn.
-_last_frame: tuple[object, bytes] = (object(), b"")
+# Frames built lately: a fan-out writes the same string object to every member, and a
+# coalesced write joins a few of them. Small, and emptied whenever it fills.
+_frames: dict[str, bytes] = {}
+FRAME_CACHE_SIZE = 64
 
 
 def _text_frame(text: str) -> bytes:
     """An unmasked, unfragmented RFC 6455 text frame (what websockets sends for a server)."""
-    global _last_frame
-    if text is _last_frame[0]:
-        return _last_frame[1]
+    frame = _frames.get(text)
+    if frame is not None:
+        return frame
     data = text.encode()
     size = len(data)
     if size < 126:
@@ -108,5 +110,7 @@ def _text_frame(text: str) -> bytes:
     else:
         head = bytes((0x81, 127)) + size.to_bytes(8, "big")
     frame = head + data
-    _last_frame = (text, frame)
+    if len(_frames) >= FRAME_CACHE_SIZE:
+        _frames.clear()
+    _frames[text] = frame
     return frame
