@@ -23,34 +23,29 @@ CLOSE_TIMEOUT: Final = 5.0
 
 
 class Coalescer:
-    """One per process: groups a busy room's fan-outs so each member gets one write per window.
+    """One per process: a busy room's members get the frames of one window in one write.
 
-    A fan-out that comes at least `window` after the last flush writes at once (a quiet room
-    pays no latency). One that comes sooner is held, with every later one, until the window
-    ends; then each member that held frames writes them all in one system call. That call,
-    one per member per message, is most of a fan-out's cost; holding adds at most `window`.
+    A room's fan-out that comes at least `window` after that room's previous one writes at
+    once: a quiet room, however many there are, pays no latency. One that comes sooner is
+    held until the next flush, at most `window` away; then each member that held frames
+    writes them all in one system call. That call, one per member per message, is most of a
+    fan-out's cost.
     """
 
-    __slots__ = ("_handle", "_held", "_last", "window")
+    __slots__ = ("_handle", "_held", "window")
 
     def __init__(self, window: float) -> None:
         self.window = window
-        self._last = -window
         self._held: list[Connection] = []
         self._handle: asyncio.TimerHandle | None = None
 
-    def hold(self) -> Coalescer | None:
-        """Called once per fan-out: self when its frames must wait for the flush, else None."""
-        if self.window <= 0:
+    def hold(self, gap: float) -> Coalescer | None:
+        """Called once per fan-out with the seconds since the room's previous one: self when
+        its frames must wait for the flush, else None."""
+        if gap >= self.window:  # also when the window is 0: off
             return None
-        if self._handle is not None:
-            return self
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if now - self._last >= self.window:
-            self._last = now
-            return None
-        self._handle = loop.call_at(self._last + self.window, self.flush)
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self.window, self.flush)
         return self
 
     def add(self, conn: Connection) -> None:
@@ -58,7 +53,6 @@ class Coalescer:
 
     def flush(self) -> None:
         self._handle = None
-        self._last = asyncio.get_running_loop().time()
         held, self._held = self._held, []
         saved = 0
         for conn in held:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -34,13 +35,14 @@ RETRY_SECONDS: Final = 0.5
 
 
 class Room:
-    __slots__ = ("channel", "last_id", "members", "name", "ready", "task")
+    __slots__ = ("channel", "last_fanout", "last_id", "members", "name", "ready", "task")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.channel = channel_key(name)
         self.members: set[Connection] = set()
         self.last_id: StreamId = ZERO_ID
+        self.last_fanout = -math.inf  # time.monotonic() of the previous live fan-out
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -173,7 +175,9 @@ class Hub:
         sender = self._by_tag.get(msg.sender)
         frame = msg.frame
         msg_id = msg.id
-        coalescer = self.coalescer.hold()
+        now = time.monotonic()
+        coalescer = self.coalescer.hold(now - room.last_fanout)
+        room.last_fanout = now
         delivered = 0
         for conn in room.members:
             if conn is not sender and conn.deliver(msg_id, frame, coalescer):
