@@ -49,7 +49,9 @@ class Plan:
     receivers: int = 100
     publishers: int = 10
     step_seconds: float = 3.0
-    rates_dps: tuple[int, ...] = (5_000, 10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000)
+    rates_dps: tuple[int, ...] = (
+        5_000, 10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000, 120_000, 150_000, 200_000
+    )
     max_failures: int = 2
     sweep_rooms: tuple[int, ...] = (1, 10, 100, 1000)
     sweep_members: int = 2  # receivers per room: fixed, so only the number of rooms changes

@@ -26,6 +26,18 @@ def _cost(steps: list[StepResult], impl: str) -> float:
     return values[len(values) // 2] if values else math.nan
 
 
+def _matched_ratios(steps: list[StepResult]) -> list[float]:
+    """Chorus's CPU per delivery over the baseline's, per offered rate both passed; sorted."""
+    passed = {(s.impl, round(s.offered_dps)): s for s in steps if s.passed(P99_TARGET_MS)}
+    return sorted(
+        chorus.server_cpu_per_1k / base.server_cpu_per_1k
+        for (impl, rate), chorus in passed.items()
+        if impl == "chorus"
+        and (base := passed.get(("baseline", rate))) is not None
+        and base.server_cpu_per_1k > 0
+    )
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b and not math.isnan(a) and not math.isnan(b) else "n/a"
 
@@ -41,8 +53,15 @@ def summary_rows(results: Results) -> list[tuple[str, str, str, str, str]]:
     rows.append(("max deliveries/s (p99 <= 50 ms, no loss)", _f(rate["chorus"], 0), _f(rate["baseline"], 0),
                  _ratio(rate["chorus"], rate["baseline"]), ">= 3x"))  # fmt: skip
     cost = {impl: _cost(results.main, impl) for impl in ("chorus", "baseline")}
-    rows.append(("server CPU-s per 1,000 deliveries", _f(cost["chorus"], 4), _f(cost["baseline"], 4),
+    rows.append(("server CPU-s per 1,000 deliveries (median of each one's passing steps)",
+                 _f(cost["chorus"], 4), _f(cost["baseline"], 4),
                  _ratio(cost["chorus"], cost["baseline"]), "<= 0.25x"))  # fmt: skip
+    # The median above favours whoever passes more high-rate steps (cost per delivery falls
+    # with rate); at the rates both passed, the comparison is like for like.
+    ratios = _matched_ratios(results.main)
+    span = f"{min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "n/a"
+    rows.append(("server CPU ratio at the same offered rate (steps both passed): median, range", "", "",
+                 f"{ratios[len(ratios) // 2]:.2f}x ({span})" if ratios else "n/a", "<= 0.25x"))  # fmt: skip
     per_core = {impl: 1000 / value if value else math.nan for impl, value in cost.items()}
     rows.append(("deliveries/s per server core", _f(per_core["chorus"], 0), _f(per_core["baseline"], 0),
                  _ratio(per_core["chorus"], per_core["baseline"]), ">= 50,000"))  # fmt: skip
