@@ -1,8 +1,9 @@
-"""Property-based tests: the frame parser and the settings parser never fail in an unplanned way."""
+"""Property-based tests: the frame, name, text and settings parsers never fail in an unplanned way."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import orjson
 import pytest
@@ -14,11 +15,13 @@ from chorus.protocol import (
     ERROR_INVALID,
     ERROR_TOO_LARGE,
     ProtocolError,
+    StreamId,
     decode_published,
     encode_published,
     message_frame,
     message_tail,
     parse_client_frame,
+    parse_since,
 )
 
 json_values = st.recursive(
@@ -111,3 +114,20 @@ def test_any_environment_gives_settings_or_one_line_naming_a_variable(env: dict[
             secret = env.get("CHORUS_AUTH_JWT_SECRET")
             if secret and len(secret) > 3:
                 assert secret not in message
+
+
+# Cursors (finding 6): Redis stream ids are two 64-bit numbers.
+@given(st.integers(min_value=0, max_value=2**70), st.integers(min_value=0, max_value=2**70))
+def test_since_is_a_cursor_only_within_64_bits(ms: int, seq: int) -> None:
+    parsed = parse_since(f"{ms}-{seq}")
+    if ms < 2**64 and seq < 2**64:
+        assert parsed == StreamId((ms, seq))
+    else:
+        assert parsed is None
+
+
+@given(st.text(max_size=60))
+def test_any_since_is_a_cursor_or_none(raw: str) -> None:
+    parsed = parse_since(raw)
+    if parsed is not None:
+        assert re.fullmatch(r"[0-9]+(-[0-9]+)?", raw) and max(parsed) < 2**64

@@ -67,6 +67,9 @@ def test_stream_ids_order_numerically() -> None:
     assert StreamId.parse("10-0") > StreamId.parse("9-99")
     assert StreamId.parse(b"5") == StreamId((5, 0))
     assert parse_since("garbage") is None and parse_since("1-x") is None
+    assert parse_since("18446744073709551615-18446744073709551615") == StreamId((2**64 - 1, 2**64 - 1))
+    for out_of_range in ("18446744073709551616", "1-99999999999999999999999", "\u0661-0", "1-2\n"):
+        assert parse_since(out_of_range) is None, out_of_range
     assert str(StreamId.parse("3-4")) == "3-4"
 
 

@@ -41,6 +41,11 @@ _MESSAGE_PREFIX: Final = b'{"type":"message","id":"'
 _PRESENCE_PREFIX: Final = b'{"type":"presence",'
 
 
+# At most 20 digits each (2**64 has 20): int() never sees a huge string.
+_STREAM_ID_RE: Final = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+_U64: Final = 2**64
+
+
 class StreamId(tuple[int, int]):
     """A Redis Stream id (`ms-seq`), ordered like Redis orders them."""
 
@@ -48,11 +53,16 @@ class StreamId(tuple[int, int]):
 
     @classmethod
     def parse(cls, raw: bytes | str) -> StreamId:
+        """`ms-seq` or `ms`; ValueError unless each part is ASCII digits below 2**64, as in Redis."""
         text = raw.decode() if isinstance(raw, bytes) else raw
-        ms, sep, seq = text.partition("-")
-        if not ms.isdigit() or (sep and not seq.isdigit()):
-            raise ValueError(f"not a stream id: {text!r}")
-        return cls((int(ms), int(seq) if sep else 0))
+        found = _STREAM_ID_RE.fullmatch(text)
+        if found is None:
+            raise ValueError(f"not a stream id: {text[:48]!r}")
+        ms, seq = int(found[1]), int(found[2] or 0)
+        if ms >= _U64 or seq >= _U64:
+            # Redis refuses such an id, which the join would report as the broker failing.
+            raise ValueError(f"stream id out of range: {text[:48]!r}")
+        return cls((ms, seq))
 
     def __str__(self) -> str:
         return f"{self[0]}-{self[1]}"
