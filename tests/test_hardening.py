@@ -62,3 +62,41 @@ async def test_6_out_of_range_since_gets_resync_not_1011(make_cluster: Callable[
         await chat.close()
     log = cluster.replicas[0].output()
     assert "WARNING" not in log and "cannot join" not in log, log[-2000:]
+
+
+async def test_9_text_policy_refuses_controls_bidi_and_invisible_messages(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    cluster = make_cluster(1)
+    base = cluster.replica_ws_url(0)
+    watcher = await Chat.join(base, "text", username="watcher", history=0)
+    sender = await Chat.join(base, "text", username="sender", history=0)
+    refused_texts = [
+        "nul\x00",
+        "red \x1b[31malert",
+        "bell\x07",
+        "del\x7f",
+        "c1\x85",
+        "evil\u202egnp.exe",
+        "isolate\u2066x\u2069",
+        "\u200b\u200c\u200d",
+        " \ufeff\u2060 ",
+        "\u200e\u200f",
+        "\n\t ",
+    ]
+    for i, text in enumerate(refused_texts):
+        await sender.send(text, client_id=f"j{i}")
+        error = await sender.wait_for(lambda f, i=i: f.get("client_id") == f"j{i}")
+        assert (error["type"], error["code"]) == ("error", "invalid"), (text, error)
+        await sender.ws.send(text)  # the same as a plain text frame
+        error = await sender.wait_for(lambda f: f.get("type") == "error" and "client_id" not in f)
+        assert error["code"] == "invalid", (text, error)
+    kept = "two lines\n\tand a tab: \u00e9 \u65e5\u672c \U0001f44d"
+    await sender.send(kept, client_id="ok")
+    assert (await sender.wait_for(lambda f: f.get("type") == "ack"))["client_id"] == "ok"
+    assert (await watcher.wait_for(lambda f: f.get("type") == "message"))["text"] == kept
+    await watcher.drain_for(0.3)
+    assert len(watcher.of("message")) == 1, "nothing refused was delivered"
+    assert sender.ws.close_code is None
+    for chat in (watcher, sender):
+        await chat.close()

@@ -16,6 +16,7 @@ from chorus.protocol import (
     ERROR_TOO_LARGE,
     ProtocolError,
     StreamId,
+    check_text,
     decode_published,
     encode_published,
     message_frame,
@@ -114,6 +115,54 @@ def test_any_environment_gives_settings_or_one_line_naming_a_variable(env: dict[
             secret = env.get("CHORUS_AUTH_JWT_SECRET")
             if secret and len(secret) > 3:
                 assert secret not in message
+
+
+# Text policy (finding 9).
+FORBIDDEN = [chr(c) for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]] + [
+    chr(c) for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+]
+INVISIBLE = [
+    " ",
+    "\n",
+    "\t",
+    "\u00a0",
+    "\u3000",
+    "\u200b",
+    "\u200c",
+    "\u200d",
+    "\u2060",
+    "\ufeff",
+    "\u200e",
+    "\u200f",
+]
+
+
+@given(st.text(max_size=200))
+def test_accepted_text_has_no_control_or_bidi_override_and_something_visible(text: str) -> None:
+    try:
+        kept = check_text(text, 4096)
+    except ProtocolError as exc:
+        assert exc.code == ERROR_INVALID
+        return
+    assert kept == text, "text is accepted unchanged or refused, never altered"
+    assert not any(ch in FORBIDDEN for ch in text)
+    assert any(ch not in INVISIBLE and not ch.isspace() for ch in text)
+
+
+@given(st.text(max_size=50), st.sampled_from(FORBIDDEN), st.text(max_size=50))
+def test_a_control_or_bidi_override_anywhere_is_refused(before: str, bad: str, after: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_client_frame(
+            json.dumps({"type": "message", "text": before + bad + after}), max_message_bytes=4096
+        )
+    assert info.value.code == ERROR_INVALID
+
+
+@given(st.lists(st.sampled_from(INVISIBLE), max_size=20))
+def test_only_invisible_characters_is_refused(chars: list[str]) -> None:
+    with pytest.raises(ProtocolError) as info:
+        check_text("".join(chars), 4096)
+    assert info.value.code == ERROR_INVALID
 
 
 # Cursors (finding 6): Redis stream ids are two 64-bit numbers.

@@ -191,7 +191,7 @@ def parse_client_frame(raw: str, *, max_message_bytes: int) -> ClientMessage:
         except orjson.JSONDecodeError:
             raise ProtocolError(ERROR_INVALID, "the frame starts with '{' but is not valid JSON") from None
     if not isinstance(body, dict):
-        return ClientMessage(_checked_text(raw, max_message_bytes, None))
+        return ClientMessage(check_text(raw, max_message_bytes))
     client_id = body.get("client_id")
     if client_id is not None and (not isinstance(client_id, str) or len(client_id) > CLIENT_ID_MAX):
         raise ProtocolError(ERROR_INVALID, f"client_id must be a string of at most {CLIENT_ID_MAX} chars")
@@ -202,13 +202,29 @@ def parse_client_frame(raw: str, *, max_message_bytes: int) -> ClientMessage:
     text = body.get("text")
     if not isinstance(text, str):
         raise ProtocolError(ERROR_INVALID, "field 'text' must be a string", client_id)
-    return ClientMessage(_checked_text(text, max_message_bytes, client_id), client_id)
+    return ClientMessage(check_text(text, max_message_bytes, client_id), client_id)
 
 
-def _checked_text(text: str, max_bytes: int, client_id: str | None) -> str:
-    if not text.strip():
-        raise ProtocolError(ERROR_INVALID, "message text is empty", client_id)
+# Text policy (docs/security.md): refused, never altered, so nothing is lost silently.
+# C0 controls but tab and newline, DEL, C1 controls; bidi embeddings/overrides (U+202A-202E)
+# and isolates (U+2066-2069), which make text read differently from what was sent.
+_FORBIDDEN_CHARS: Final = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# Characters that draw nothing: whitespace, zero-width and joiners, bidi marks, word joiner
+# and invisible operators, BOM, soft hyphen, combining grapheme joiner, Hangul and braille blanks.
+_INVISIBLE: Final = re.compile(
+    "[\\s\u200b-\u200f\u061c\u2060-\u2064\ufeff\u00ad\u034f\u115f\u1160\u3164\uffa0\u2800]*"
+)
+
+
+def check_text(text: str, max_bytes: int, client_id: str | None = None) -> str:
+    """The text policy for every message, whatever frame carried it; raises ProtocolError."""
     # Cheap bound first: a str of n code points is at least n UTF-8 bytes.
     if len(text) > max_bytes or len(text.encode()) > max_bytes:
         raise ProtocolError(ERROR_TOO_LARGE, f"message text is over {max_bytes} bytes", client_id)
+    if _INVISIBLE.fullmatch(text):
+        raise ProtocolError(ERROR_INVALID, "message text is empty or only invisible characters", client_id)
+    bad = _FORBIDDEN_CHARS.search(text)
+    if bad is not None:
+        detail = f"message text may not contain U+{ord(bad[0]):04X} (control or bidi override)"
+        raise ProtocolError(ERROR_INVALID, detail, client_id)
     return text
