@@ -64,6 +64,26 @@ async def test_6_out_of_range_since_gets_resync_not_1011(make_cluster: Callable[
     assert "WARNING" not in log and "cannot join" not in log, log[-2000:]
 
 
+async def test_8_the_token_is_redacted_however_its_name_is_spelled(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    cluster = make_cluster(1, env=AUTH)
+    base = cluster.replica_ws_url(0)
+    secrets = {name: token(name) for name in ("encoded", "upper", "third", "http", "plus")}
+    chat = await Chat.join(base, "r", **{"%74oken": secrets["encoded"]})
+    assert chat.welcome["user"] == "encoded", "Starlette decodes the name: this is the token"
+    await chat.close()
+    assert await refused(f"{base}/ws/r?TOKEN={secrets['upper']}") == 401
+    third = await Chat.join(base, "r", username="x", history="0", token=secrets["third"])
+    await third.close()
+    await http_get(f"{cluster.replica_url(0)}/api/rooms/r/history?limit=1&%74oken={secrets['http']}")
+    await http_get(f"{cluster.replica_url(0)}/api/rooms/r/presence?to%6B%65n={secrets['plus']}")
+    log = cluster.replicas[0].output()
+    assert log.count("=***") >= 5, log[-2000:]
+    for name, value in secrets.items():
+        assert value not in log, f"the {name} token is in the log"
+
+
 async def test_9_text_policy_refuses_controls_bidi_and_invisible_messages(
     make_cluster: Callable[..., LocalCluster],
 ) -> None:

@@ -1,4 +1,4 @@
-"""Pure parts: the RESP parser, frame parsing, stream ids, settings errors."""
+"""Pure parts: the RESP parser, frame parsing, stream ids, settings errors, hosts, redaction."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 
 from chorus.backend import RespError, RespParser, encode_command
 from chorus.config import Settings, SettingsError, load_settings, redact_url
+from chorus.logs import redact
 from chorus.protocol import (
     ProtocolError,
     StreamId,
@@ -118,3 +119,14 @@ def test_kubernetes_service_variables_do_not_break_settings(monkeypatch: pytest.
 def test_redis_password_is_redacted() -> None:
     assert redact_url("rediss://user:pw@host:6380/0") == "rediss://user:***@host:6380/0"
     assert Settings(redis_url="redis://:pw@h:1/0").redis_url_redacted == "redis://:***@h:1/0"
+
+
+def test_token_values_are_redacted_whatever_the_spelling_of_the_name() -> None:
+    line = '127.0.0.1:5 - "WebSocket /ws/r?%74oken=eyJa.b.c&username=x&TOKEN=t2&to%6Ben=t3&tokens=keep" 403'
+    assert redact(line) == (
+        '127.0.0.1:5 - "WebSocket /ws/r?%74oken=***&username=x&TOKEN=***&to%6Ben=***&tokens=keep" 403'
+    )
+    assert (
+        redact("GET /api/rooms/r/history?token=abc HTTP/1.1") == "GET /api/rooms/r/history?token=*** HTTP/1.1"
+    )
+    assert redact("no query here") == "no query here"

@@ -6,6 +6,7 @@ import logging
 import re
 import sys
 import time
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -56,22 +57,37 @@ class _ClientFaultFilter(logging.Filter):
         return True
 
 
-_TOKEN = re.compile(r"((?:^|[?&])token=)[^&\s\"']+")
+# A query parameter in a logged path or URL: `?name=value` or `&name=value`.
+_QUERY_PARAM = re.compile(r"([?&])([^=&\s\"'#]*)=([^&\s\"'#]*)")
+TOKEN_PARAM = "token"
+
+
+def _redact_param(found: re.Match[str]) -> str:
+    # Starlette decodes names before `params.get("token")`, so `%74oken` is the token too;
+    # any case is hidden as well, to be safe whatever a client or a proxy does with it.
+    if unquote_plus(found[2]).strip().casefold() != TOKEN_PARAM:
+        return found[0]
+    return f"{found[1]}{found[2]}=***"
 
 
 def redact(text: str) -> str:
-    """Hide `token=` query values: access logs print request paths with their query."""
-    return _TOKEN.sub(r"\1***", text)
+    """Hide the value of every query parameter whose decoded name is `token`, however spelled."""
+    if "=" not in text:
+        return text
+    return _QUERY_PARAM.sub(_redact_param, text)
 
 
 class _RedactTokens(logging.Filter):
+    """Access and handshake log lines print request paths with their query."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and "token=" in record.msg:
-            record.msg = redact(record.msg)
-        if record.args and isinstance(record.args, tuple):
-            record.args = tuple(
-                redact(arg) if isinstance(arg, str) and "token=" in arg else arg for arg in record.args
-            )
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record: the handler reports it as it would have
+            return True
+        redacted = redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
         return True
 
 
