@@ -73,6 +73,19 @@ REJECTIONS = Counter(
     ["reason"],
 )
 
+# Rejection reasons (chorus_rejections_total{reason}): the closed set, used by reference.
+REJECT_BAD_REQUEST: Final = "bad_request"
+REJECT_UNAUTHORIZED: Final = "unauthorized"
+REJECT_FORBIDDEN_ROOM: Final = "forbidden_room"
+REJECT_ORIGIN: Final = "origin"
+REJECT_DRAINING: Final = "draining"
+REJECT_MAX_CONNECTIONS: Final = "max_connections"
+REJECT_MAX_CONNECTIONS_PER_USER: Final = "max_connections_per_user"
+REJECT_BINARY: Final = "binary"
+REJECT_FLOOD: Final = "flood"
+REJECT_INVALID_UTF8: Final = "invalid_utf8"
+REJECT_FRAME_TOO_LARGE: Final = "frame_too_large"
+
 # Drop reasons (bounded label values).
 DROP_SLOW_CONSUMER: Final = "slow_consumer"
 DROP_TOO_LARGE: Final = "too_large"

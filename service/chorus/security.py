@@ -15,6 +15,7 @@ import jwt
 from starlette.datastructures import Headers
 
 from .config import Settings
+from .metrics import REJECT_BAD_REQUEST, REJECT_FORBIDDEN_ROOM, REJECT_ORIGIN, REJECT_UNAUTHORIZED
 from .protocol import USERNAME_RE
 
 SUBPROTOCOL: Final = "chorus.v1"
@@ -87,7 +88,7 @@ class Gatekeeper:
         # Default: the page's own origin only, whatever port or scheme the proxy in front uses.
         if not self._allowed and urlsplit(origin).netloc == headers.get("host", "").lower():
             return
-        raise Rejection(403, "origin", f"origin {origin[:100]!r} may not open WebSockets here")
+        raise Rejection(403, REJECT_ORIGIN, f"origin {origin[:100]!r} may not open WebSockets here")
 
     def identify(self, headers: Headers, params: dict[str, str], room: str) -> tuple[Identity, str | None]:
         """The user behind a handshake, and the subprotocol to select (if any)."""
@@ -96,7 +97,7 @@ class Gatekeeper:
         bearer = next((p[len(BEARER_PREFIX) :] for p in offered if p.startswith(BEARER_PREFIX)), None)
         if bearer is not None and subprotocol is None:
             raise Rejection(
-                400, "bad_request", f"a bearer.<token> subprotocol needs {SUBPROTOCOL} offered too"
+                400, REJECT_BAD_REQUEST, f"a bearer.<token> subprotocol needs {SUBPROTOCOL} offered too"
             )
         if self._key is None:
             user = params.get("username") or ""
@@ -104,7 +105,7 @@ class Gatekeeper:
         token = bearer or params.get("token")
         if not token:
             raise Rejection(
-                403, "unauthorized", "a token is required (?token= or the bearer.<jwt> subprotocol)"
+                403, REJECT_UNAUTHORIZED, "a token is required (?token= or the bearer.<jwt> subprotocol)"
             )
         try:
             claims = jwt.decode(
@@ -115,22 +116,22 @@ class Gatekeeper:
                 leeway=CLOCK_LEEWAY_SECONDS,
             )
         except jwt.ExpiredSignatureError:
-            raise Rejection(403, "unauthorized", "the token has expired") from None
+            raise Rejection(403, REJECT_UNAUTHORIZED, "the token has expired") from None
         except jwt.InvalidTokenError as exc:
-            raise Rejection(403, "unauthorized", f"the token is not valid: {exc}") from None
+            raise Rejection(403, REJECT_UNAUTHORIZED, f"the token is not valid: {exc}") from None
         identity = _identity(claims)
         if not identity.may_enter(room):
-            raise Rejection(403, "forbidden_room", f"the token does not open room {room!r}")
+            raise Rejection(403, REJECT_FORBIDDEN_ROOM, f"the token does not open room {room!r}")
         return identity, subprotocol
 
 
 def _identity(claims: dict[str, object]) -> Identity:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not USERNAME_RE.match(sub):
-        raise Rejection(403, "unauthorized", f"the token's sub must match {USERNAME_RE.pattern}")
+        raise Rejection(403, REJECT_UNAUTHORIZED, f"the token's sub must match {USERNAME_RE.pattern}")
     rooms = claims.get("rooms")
     if rooms is not None and (not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms)):
-        raise Rejection(403, "unauthorized", "the token's rooms claim must be a list of strings")
+        raise Rejection(403, REJECT_UNAUTHORIZED, "the token's rooms claim must be a list of strings")
     exp = claims.get("exp")
     return Identity(sub, tuple(rooms) if rooms is not None else None, float(exp) if exp is not None else None)  # type: ignore[arg-type]
 

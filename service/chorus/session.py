@@ -78,7 +78,7 @@ async def serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> Non
     runtime.sockets += 1
     try:
         if not await runtime.limiter.acquire(identity.user, tag.decode()):
-            metrics.REJECTIONS.labels("max_connections_per_user").inc()
+            metrics.REJECTIONS.labels(metrics.REJECT_MAX_CONNECTIONS_PER_USER).inc()
             limit = runtime.settings.max_connections_per_user
             detail = f"{identity.user} already has {limit} connections open"
             await websocket.send_denial_response(JSONResponse({"detail": detail}, status_code=429))
@@ -96,25 +96,25 @@ def _admit(websocket: WebSocket, room: str, runtime: Runtime) -> tuple[Identity,
     settings = runtime.settings
     params = websocket.query_params
     if not ROOM_RE.match(room):
-        raise Rejection(400, "bad_request", f"room must match {ROOM_RE.pattern}")
+        raise Rejection(400, metrics.REJECT_BAD_REQUEST, f"room must match {ROOM_RE.pattern}")
     runtime.gatekeeper.check_origin(websocket.headers)
     identity, subprotocol = runtime.gatekeeper.identify(websocket.headers, dict(params), room)
     if not identity.user:
         identity = Identity(f"anon-{secrets.token_hex(2)}")
     if not USERNAME_RE.match(identity.user):
-        raise Rejection(400, "bad_request", f"username must match {USERNAME_RE.pattern}")
+        raise Rejection(400, metrics.REJECT_BAD_REQUEST, f"username must match {USERNAME_RE.pattern}")
     try:
         history = int(params.get("history", DEFAULT_HISTORY))
         if not 0 <= history <= MAX_HISTORY:
             raise ValueError
     except ValueError:
         raise Rejection(
-            400, "bad_request", f"history must be a whole number from 0 to {MAX_HISTORY}"
+            400, metrics.REJECT_BAD_REQUEST, f"history must be a whole number from 0 to {MAX_HISTORY}"
         ) from None
     if runtime.health.draining:
-        raise Rejection(503, "draining", "this replica is draining; reconnect")
+        raise Rejection(503, metrics.REJECT_DRAINING, "this replica is draining; reconnect")
     if settings.max_connections and runtime.sockets >= settings.max_connections:
-        raise Rejection(503, "max_connections", "this replica is full; reconnect")
+        raise Rejection(503, metrics.REJECT_MAX_CONNECTIONS, "this replica is full; reconnect")
     return identity, subprotocol, history
 
 
@@ -165,7 +165,7 @@ async def _session(
                 break
             text = message.get("text")
             if text is None:
-                metrics.REJECTIONS.labels("binary").inc()
+                metrics.REJECTIONS.labels(metrics.REJECT_BINARY).inc()
                 conn.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported")
                 break
             metrics.MESSAGES_RECEIVED.inc()
@@ -184,7 +184,8 @@ async def _session(
         metrics.CONNECTIONS.dec()
         metrics.CONNECTIONS_CLOSED.labels(str(close_code)).inc()
         if close_code in (1007, 1009):
-            metrics.REJECTIONS.labels("invalid_utf8" if close_code == 1007 else "frame_too_large").inc()
+            reason = metrics.REJECT_INVALID_UTF8 if close_code == 1007 else metrics.REJECT_FRAME_TOO_LARGE
+            metrics.REJECTIONS.labels(reason).inc()
         if websocket.application_state == WebSocketState.CONNECTED and not conn.closing:
             try:
                 await websocket.close()
@@ -203,7 +204,7 @@ def _close_at_expiry(conn: Connection, identity: Identity) -> asyncio.TimerHandl
 def _rate_limited(conn: Connection, bucket: TokenBucket, flood_seconds: float, text: str) -> None:
     metrics.MESSAGES_DROPPED.labels(metrics.DROP_RATE_LIMITED).inc()
     if bucket.flooding_for() >= flood_seconds:
-        metrics.REJECTIONS.labels("flood").inc()
+        metrics.REJECTIONS.labels(metrics.REJECT_FLOOD).inc()
         log.info("closing %s in %s: over the rate limit for %.0fs", conn.user, conn.room, flood_seconds)
         conn.close(CLOSE_POLICY, "rate limit exceeded")
         return
