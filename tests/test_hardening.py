@@ -6,6 +6,8 @@ before its fix.
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 from collections.abc import Callable
 
@@ -15,8 +17,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from chat import Chat
+import wsraw
+from chat import Chat, metrics_text
 from chorus.devcluster import LocalCluster, RedisServer
+from chorus.protocol import CLOSE_LABELS
 
 pytestmark = pytest.mark.anyio
 
@@ -48,6 +52,44 @@ def detail_of(response: httpx.Response) -> str:
     body = response.json()
     assert list(body) == ["detail"] and isinstance(body["detail"], str), body
     return str(body["detail"])
+
+
+def _closed_counts(text: str) -> dict[str, float]:
+    found = re.findall(r'^chorus_connections_closed_total\{code="([^"]*)"\} (\S+)$', text, re.M)
+    return {code: float(value) for code, value in found}
+
+
+async def test_5_close_codes_become_labels_from_a_closed_set(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    cluster = make_cluster(1)
+    port = cluster.replica_ports[0]
+    # A client-chosen code, after reading the welcome.
+    chosen = wsraw.handshake(port, "/ws/codes?username=chooser")
+    chosen.sendall(wsraw.frame(0x8, (4123).to_bytes(2, "big")))
+    assert await asyncio.to_thread(wsraw.read_close_code, chosen, 10) == 4123
+    chosen.close()
+    # Closed right after the handshake, before the welcome is read.
+    hasty = [wsraw.handshake(port, f"/ws/codes?username=hasty{i}") for i in range(5)]
+    for sock in hasty:
+        sock.sendall(wsraw.frame(0x8, (1000).to_bytes(2, "big")))
+    # Gone without a close frame.
+    dropped = [wsraw.handshake(port, f"/ws/codes?username=gone{i}") for i in range(3)]
+    for sock in hasty + dropped:
+        sock.close()
+    url = cluster.replica_url(0)
+
+    async def counted() -> dict[str, float]:
+        return _closed_counts(await metrics_text(url))
+
+    deadline = time.monotonic() + 10
+    while sum((counts := await counted()).values()) < 9:
+        assert time.monotonic() < deadline, counts
+        await asyncio.sleep(0.1)
+    assert set(counts) <= set(CLOSE_LABELS), counts
+    assert counts.get("client_other") == 1
+    assert counts.get("abnormal", 0) >= 3
+    assert counts.get("1000", 0) + counts.get("abnormal", 0) == 8
 
 
 async def test_6_out_of_range_since_gets_resync_not_1011(make_cluster: Callable[..., LocalCluster]) -> None:

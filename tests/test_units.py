@@ -8,8 +8,10 @@ from chorus.backend import RespError, RespParser, encode_command
 from chorus.config import Settings, SettingsError, load_settings, redact_url
 from chorus.logs import redact
 from chorus.protocol import (
+    CLOSE_LABELS,
     ProtocolError,
     StreamId,
+    close_label,
     decode_published,
     encode_published,
     message_frame,
@@ -130,3 +132,10 @@ def test_token_values_are_redacted_whatever_the_spelling_of_the_name() -> None:
         redact("GET /api/rooms/r/history?token=abc HTTP/1.1") == "GET /api/rooms/r/history?token=*** HTTP/1.1"
     )
     assert redact("no query here") == "no query here"
+
+
+def test_close_labels_are_a_closed_set() -> None:
+    assert [close_label(code) for code in (1000, 1001, 1005, 1012)] == ["1000", "1001", "1005", "1012"]
+    assert close_label(4123) == close_label(3000) == close_label(1004) == "client_other"
+    assert close_label(None) == close_label(1006) == "abnormal"
+    assert {close_label(code) for code in range(0, 70_000)} <= set(CLOSE_LABELS)

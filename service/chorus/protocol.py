@@ -30,6 +30,41 @@ CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL_ERROR: Final = 1011  # the broker could not be reached for this room
 CLOSE_SERVICE_RESTART: Final = 1012  # the replica drains; reconnect (with since=) elsewhere
 CLOSE_TRY_AGAIN_LATER: Final = 1013  # slow consumer: the send queue overflowed
+# What clients send: a page going away (1001), a close frame without a code (1005).
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_NO_STATUS: Final = 1005
+
+# chorus_connections_closed_total{code} label values: a closed set, so a client cannot mint
+# series by picking close codes (4000-4999 alone are a thousand).
+CLOSE_CODES: Final = frozenset(
+    {
+        CLOSE_NORMAL,
+        CLOSE_GOING_AWAY,
+        CLOSE_UNSUPPORTED_DATA,
+        CLOSE_NO_STATUS,
+        CLOSE_INVALID_PAYLOAD,
+        CLOSE_POLICY,
+        CLOSE_TOO_BIG,
+        CLOSE_INTERNAL_ERROR,
+        CLOSE_SERVICE_RESTART,
+        CLOSE_TRY_AGAIN_LATER,
+    }
+)
+CLOSE_LABEL_CLIENT_OTHER: Final = "client_other"  # any other code a client chose
+CLOSE_LABEL_ABNORMAL: Final = "abnormal"  # no close frame: the connection dropped (1006)
+CLOSE_LABELS: Final = (
+    *sorted(str(code) for code in CLOSE_CODES),
+    CLOSE_LABEL_CLIENT_OTHER,
+    CLOSE_LABEL_ABNORMAL,
+)
+
+
+def close_label(code: int | None) -> str:
+    """The metric label for a close: a code from CLOSE_CODES, `client_other` or `abnormal` (None, 1006)."""
+    if code is None or code == 1006:
+        return CLOSE_LABEL_ABNORMAL
+    return str(code) if code in CLOSE_CODES else CLOSE_LABEL_CLIENT_OTHER
+
 
 # Error frame codes.
 ERROR_INVALID: Final = "invalid"

@@ -6,11 +6,11 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Any, Final
+from typing import Final
 
 from fastapi import WebSocket
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketState
 
 from . import metrics
@@ -19,7 +19,10 @@ from .connection import Connection
 from .presence import Member
 from .protocol import (
     CLOSE_INTERNAL_ERROR,
+    CLOSE_INVALID_PAYLOAD,
+    CLOSE_NO_STATUS,
     CLOSE_POLICY,
+    CLOSE_TOO_BIG,
     CLOSE_UNSUPPORTED_DATA,
     DEFAULT_HISTORY,
     ERROR_RATE_LIMITED,
@@ -29,6 +32,7 @@ from .protocol import (
     USERNAME_RE,
     ProtocolError,
     ack_frame,
+    close_label,
     error_frame,
     message_tail,
     parse_client_frame,
@@ -42,6 +46,7 @@ from .sockets import RAW_SEND, close_now
 log = logging.getLogger("chorus.session")
 
 WS_PREFIX: Final = "/ws/"
+PEER_CLOSE_WAIT_SECONDS: Final = 1.0
 
 
 class ChatSockets:
@@ -145,7 +150,7 @@ async def _session(
         close=lambda code, reason: _close(websocket, code, reason),
     )
     expiry = _close_at_expiry(conn, identity)
-    close_code: Any = "none"
+    close_code: int | None = None  # the client's, once its close (or the drop) is read
     hub = runtime.hub
     member = Member(room, user, tag.decode())
     bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
@@ -161,7 +166,7 @@ async def _session(
         while not conn.closing:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
-                close_code = message.get("code", 1005)
+                close_code = _peer_close_code(message)
                 break
             text = message.get("text")
             if text is None:
@@ -180,17 +185,45 @@ async def _session(
         await runtime.presence.leave(member)
         if conn.closing and conn.closed_with is not None:
             close_code = conn.closed_with
+        elif close_code is None:
+            # A write failed because the peer went away (say, right after the welcome): its
+            # close code, or the drop, is waiting in the receive queue.
+            close_code = await _pending_close_code(websocket)
         await conn.wait_closed()
         metrics.CONNECTIONS.dec()
-        metrics.CONNECTIONS_CLOSED.labels(str(close_code)).inc()
-        if close_code in (1007, 1009):
-            reason = metrics.REJECT_INVALID_UTF8 if close_code == 1007 else metrics.REJECT_FRAME_TOO_LARGE
-            metrics.REJECTIONS.labels(reason).inc()
+        metrics.CONNECTIONS_CLOSED.labels(close_label(close_code)).inc()
+        if close_code == CLOSE_INVALID_PAYLOAD:
+            metrics.REJECTIONS.labels(metrics.REJECT_INVALID_UTF8).inc()
+        elif close_code == CLOSE_TOO_BIG:
+            metrics.REJECTIONS.labels(metrics.REJECT_FRAME_TOO_LARGE).inc()
         if websocket.application_state == WebSocketState.CONNECTED and not conn.closing:
             try:
                 await websocket.close()
             except Exception:  # the peer is gone; nothing to tell it
                 pass
+
+
+def _peer_close_code(message: Message) -> int | None:
+    """The code of a `websocket.disconnect`; None when the connection dropped without a close frame.
+
+    uvicorn's websockets-sansio reports a lost connection after the handshake as 1005 with no
+    `reason` key (`connection_lost`), where a real close frame always carries `reason`.
+    """
+    code = message.get("code", CLOSE_NO_STATUS)
+    if code == 1006 or (code == CLOSE_NO_STATUS and "reason" not in message):
+        return None
+    return int(code)
+
+
+async def _pending_close_code(websocket: WebSocket) -> int | None:
+    """Read the disconnect a peer that went away has left queued (bounded: it may not be there)."""
+    if websocket.client_state != WebSocketState.CONNECTED:
+        return None
+    try:
+        message = await asyncio.wait_for(websocket.receive(), PEER_CLOSE_WAIT_SECONDS)
+    except Exception:  # TimeoutError, or the socket is already gone
+        return None
+    return _peer_close_code(message) if message["type"] == "websocket.disconnect" else None
 
 
 def _close_at_expiry(conn: Connection, identity: Identity) -> asyncio.TimerHandle | None:
