@@ -54,6 +54,50 @@ def detail_of(response: httpx.Response) -> str:
     return str(body["detail"])
 
 
+async def test_4_names_match_whole_and_spellings_of_one_user_count_once(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    cluster = make_cluster(2, env={"CHORUS_MAX_CONNECTIONS_PER_USER": "2"})
+    ws = [cluster.replica_ws_url(i) for i in range(2)]
+    assert await refused(f"{ws[0]}/ws/lobby?username=alice%0A") == 400
+    assert await refused(f"{ws[0]}/ws/lobby%0A?username=alice") == 400
+    response = await http_get(f"{cluster.replica_url(0)}/api/rooms/lobby%0A/history")
+    assert response.status_code == 400 and detail_of(response)
+
+    watcher = await Chat.join(ws[0], "names", username="watcher", history=0)
+    first = await Chat.join(ws[0], "names", username="Dave", history=0)
+    second = await Chat.join(ws[1], "names", username="dave", history=0)
+    assert (first.welcome["user"], second.welcome["user"]) == ("Dave", "dave"), "names shown as given"
+    assert second.welcome["online"] == 2, "Dave and dave are one user"
+    # The per-user cap counts them together, across replicas.
+    assert await refused(f"{ws[0]}/ws/names?username=DAVE") == 429
+    await second.send("hi", client_id="h")
+    message = await watcher.wait_for(lambda f: f.get("type") == "message")
+    assert message["user"] == "dave", "a message carries its connection's spelling"
+    presence = (await http_get(f"{cluster.replica_url(1)}/api/rooms/names/presence")).json()
+    assert presence == {"room": "names", "online": 2, "users": ["Dave", "watcher"]}
+    await first.close()
+    await second.close()
+    leave = await watcher.wait_for(lambda f: f.get("event") == "leave")
+    joins = [f for f in watcher.of("presence") if f["event"] == "join"]
+    assert [(f["user"], f["online"]) for f in joins] == [("Dave", 2)], "one join, first spelling"
+    assert (leave["user"], leave["online"]) == ("Dave", 1), "the leave names whom the join named"
+    await watcher.close()
+
+
+async def test_4_token_sub_and_room_follow_the_same_name_rules(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    cluster = make_cluster(1, env=AUTH)
+    base = cluster.replica_ws_url(0)
+    assert await refused(f"{base}/ws/lobby?token={token('alice' + chr(10))}") == 403
+    assert await refused(f"{base}/ws/team-a%0A?token={token('alice', rooms=['team-*'])}") == 400
+    response = await http_get(
+        f"{cluster.replica_url(0)}/api/rooms/team-a%0A/history", params={"token": token(rooms=["team-*"])}
+    )
+    assert response.status_code == 400
+
+
 def _closed_counts(text: str) -> dict[str, float]:
     found = re.findall(r'^chorus_connections_closed_total\{code="([^"]*)"\} (\S+)$', text, re.M)
     return {code: float(value) for code, value in found}

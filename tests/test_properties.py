@@ -19,10 +19,13 @@ from chorus.protocol import (
     check_text,
     decode_published,
     encode_published,
+    is_room,
+    is_username,
     message_frame,
     message_tail,
     parse_client_frame,
     parse_since,
+    user_key,
 )
 
 json_values = st.recursive(
@@ -115,6 +118,35 @@ def test_any_environment_gives_settings_or_one_line_naming_a_variable(env: dict[
             secret = env.get("CHORUS_AUTH_JWT_SECRET")
             if secret and len(secret) > 3:
                 assert secret not in message
+
+
+# Names (issue 16, finding 4): one rule for rooms, user names and a token's sub.
+NAME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
+
+
+@given(st.text(max_size=80))
+def test_a_name_is_valid_only_when_every_character_is_allowed(name: str) -> None:
+    allowed = all(ch in NAME_CHARS for ch in name)
+    assert is_room(name) == (allowed and 1 <= len(name) <= 64)
+    assert is_username(name) == (allowed and 1 <= len(name) <= 32)
+
+
+@given(
+    st.text(alphabet=NAME_CHARS, min_size=1, max_size=32),
+    st.sampled_from(["\n", "\r\n", "\x00", " ", "\u2028"]),
+)
+def test_a_valid_name_with_a_line_break_or_space_anywhere_is_refused(name: str, extra: str) -> None:
+    for bad in (name + extra, extra + name, name[:1] + extra + name[1:]):
+        assert not is_username(bad) and not is_room(bad)
+
+
+@given(st.text(alphabet=NAME_CHARS, min_size=1, max_size=32))
+def test_spellings_of_one_name_are_one_user(name: str) -> None:
+    full_width = "".join(chr(ord(ch) + 0xFEE0) if "!" <= ch <= "~" else ch for ch in name)
+    key = user_key(name)
+    assert user_key(name.upper()) == user_key(name.lower()) == user_key(full_width) == key
+    assert user_key(key) == key
+    assert not is_username(full_width), "look-alikes are refused as names in the first place"
 
 
 # Text policy (finding 9).

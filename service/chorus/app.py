@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -22,7 +23,7 @@ from .hub import Hub
 from .limits import create_user_limiter
 from .logs import configure_logging
 from .presence import create_presence
-from .protocol import API_HISTORY_DEFAULT, API_HISTORY_MAX, ROOM_RE
+from .protocol import API_HISTORY_DEFAULT, API_HISTORY_MAX, ROOM_RULE, is_room
 from .runtime import Runtime, State, runtime_of
 from .security import Gatekeeper
 from .session import ChatSockets
@@ -123,18 +124,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         room: str,
         limit: int = Query(API_HISTORY_DEFAULT, ge=1, le=API_HISTORY_MAX),
     ) -> Response:
-        if not ROOM_RE.match(room):
+        if not is_room(room):
             return _bad_room()
         try:
             entries = await runtime_of(request).broker.recent(room, limit)
         except BrokerUnavailable:
             return JSONResponse({"detail": "the broker is unavailable"}, status_code=503)
-        body = b'{"room":"%s","messages":[%s]}' % (room.encode(), b",".join(e.frame for e in entries))
+        body = b'{"room":%s,"messages":[%s]}' % (orjson.dumps(room), b",".join(e.frame for e in entries))
         return Response(body, media_type="application/json")
 
     @app.get("/api/rooms/{room}/presence")
     async def presence_endpoint(request: Request, room: str) -> JSONResponse:
-        if not ROOM_RE.match(room):
+        if not is_room(room):
             return _bad_room()
         try:
             users = await runtime_of(request).presence.users(room)
@@ -159,7 +160,7 @@ async def _bounded(what: str, step: Awaitable[Any], timeout: float = 3.0) -> Non
 
 
 def _bad_room() -> JSONResponse:
-    return JSONResponse({"detail": f"room must match {ROOM_RE.pattern}"}, status_code=400)
+    return JSONResponse({"detail": ROOM_RULE}, status_code=400)
 
 
 async def _sample_gauges(runtime: Runtime) -> None:

@@ -24,35 +24,43 @@ from typing import Any, Final
 
 from .broker import Broker, BrokerUnavailable, RedisBroker, RedisCommands, channel_key
 from .config import Settings
-from .protocol import encode_published, presence_frame
+from .protocol import encode_published, presence_frame, user_key
 
 log = logging.getLogger("chorus.presence")
 
 HEARTBEATS_TO_EXPIRE: Final = 3
 REPLICAS_KEY: Final = "chorus:presence:replicas"
 
-# The frames are spliced by hand: room and user names are restricted to [A-Za-z0-9_.-], so
-# they need no escaping, and the shape matches protocol.presence_frame byte for byte.
+# A user is counted under `protocol.user_key` (Dave, dave: one user) and shown under the
+# spelling of the connection that brought them online (kept until their last one leaves), so a
+# join and its leave carry the same name. Values go through cjson.encode, never spliced in
+# raw; the fixed parts match protocol.presence_frame, which hub.py recognises by its prefix.
 _ANNOUNCE: Final = """
-local function announce(event, user)
+local function announce(event, key)
   local online = redis.call('HLEN', KEYS[2])
-  redis.call('PUBLISH', KEYS[3], ARGV[3] .. ' {"type":"presence","room":"' .. ARGV[4]
-    .. '","event":"' .. event .. '","user":"' .. user .. '","online":' .. online .. '}')
+  local name = redis.call('HGET', KEYS[4], key) or key
+  redis.call('PUBLISH', KEYS[3], ARGV[3] .. ' {"type":"presence","room":' .. cjson.encode(ARGV[4])
+    .. ',"event":"' .. event .. '","user":' .. cjson.encode(name) .. ',"online":' .. online .. '}')
 end
-local function drop(user)
-  if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
-    redis.call('HDEL', KEYS[2], user)
-    announce('leave', user)
+local function drop(key)
+  if redis.call('HINCRBY', KEYS[2], key, -1) <= 0 then
+    redis.call('HDEL', KEYS[2], key)
+    announce('leave', key)
+    redis.call('HDEL', KEYS[4], key)
   end
 end
 """
-# KEYS: connections hash (entry -> user), users hash (user -> connections), room channel.
-# ARGV: entry, user, sender, room. Each returns the number of users online afterwards.
+# KEYS: connections hash (entry -> user key), users hash (user key -> connections), room
+# channel, names hash (user key -> name shown).
+# ARGV: entry, user key, sender, room, name shown. Each returns the number of users online afterwards.
 JOIN: Final = (
     _ANNOUNCE
     + """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  if redis.call('HINCRBY', KEYS[2], ARGV[2], 1) == 1 then announce('join', ARGV[2]) end
+  if redis.call('HINCRBY', KEYS[2], ARGV[2], 1) == 1 then
+    redis.call('HSET', KEYS[4], ARGV[2], ARGV[5])
+    announce('join', ARGV[2])
+  end
 end
 return redis.call('HLEN', KEYS[2])
 """
@@ -88,6 +96,10 @@ def users_key(room: str) -> str:
     return f"chorus:online:{{{room}}}"
 
 
+def names_key(room: str) -> str:
+    return f"chorus:names:{{{room}}}"
+
+
 def heartbeat_key(owner: str) -> str:
     return f"chorus:heartbeat:{{{owner}}}"
 
@@ -101,8 +113,13 @@ class Member:
     """One connection as presence sees it; `entry` is unique across every replica."""
 
     room: str
-    user: str
+    user: str  # as the connection gave it
     entry: str
+
+    @property
+    def key(self) -> str:
+        """Who the user is for counting: connections of `Dave` and `dave` are one user."""
+        return user_key(self.user)
 
 
 class Presence(ABC):
@@ -135,7 +152,8 @@ class MemoryPresence(Presence):
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
         self._entries: dict[str, set[str]] = {}
-        self._users: dict[str, Counter[str]] = {}
+        self._users: dict[str, Counter[str]] = {}  # by user key
+        self._names: dict[str, dict[str, str]] = {}  # user key -> name shown
 
     async def start(self) -> None:
         pass  # nothing to refresh: this process is the only one
@@ -146,11 +164,13 @@ class MemoryPresence(Presence):
     async def join(self, member: Member) -> int:
         entries = self._entries.setdefault(member.room, set())
         users = self._users.setdefault(member.room, Counter())
+        names = self._names.setdefault(member.room, {})
         if member.entry not in entries:
             entries.add(member.entry)
-            users[member.user] += 1
-            if users[member.user] == 1:
-                await self._announce(member, "join", len(users))
+            users[member.key] += 1
+            if users[member.key] == 1:
+                names[member.key] = member.user
+                await self._announce(member.room, "join", member.user, len(users), member.entry)
         return len(users)
 
     async def leave(self, member: Member) -> None:
@@ -159,20 +179,20 @@ class MemoryPresence(Presence):
             return
         entries.discard(member.entry)
         users = self._users[member.room]
-        users[member.user] -= 1
-        if users[member.user] <= 0:
-            del users[member.user]
-            await self._announce(member, "leave", len(users))
+        users[member.key] -= 1
+        if users[member.key] <= 0:
+            del users[member.key]
+            name = self._names[member.room].pop(member.key, member.user)
+            await self._announce(member.room, "leave", name, len(users), "-")
         if not entries:
-            del self._entries[member.room], self._users[member.room]
+            del self._entries[member.room], self._users[member.room], self._names[member.room]
 
     async def users(self, room: str) -> list[str]:
-        return sorted(self._users.get(room, ()))
+        return sorted(self._names.get(room, {}).values())
 
-    async def _announce(self, member: Member, event: str, online: int) -> None:
-        frame = presence_frame(member.room, event, member.user, online).encode()
-        sender = member.entry.encode() if event == "join" else b"-"
-        await self._broker.publish_raw(channel_key(member.room), encode_published(sender, frame))
+    async def _announce(self, room: str, event: str, name: str, online: int, sender: str) -> None:
+        frame = presence_frame(room, event, name, online).encode()
+        await self._broker.publish_raw(channel_key(room), encode_published(sender.encode(), frame))
 
 
 class RedisPresence(Presence):
@@ -214,8 +234,10 @@ class RedisPresence(Presence):
         return await self._commands.call(coro)
 
     async def _run_script(self, script: Any, member: Member, sender: str) -> Any:
-        keys = [entries_key(member.room), users_key(member.room), channel_key(member.room)]
-        return await self._call(script(keys=keys, args=[member.entry, member.user, sender, member.room]))
+        room = member.room
+        keys = [entries_key(room), users_key(room), channel_key(room), names_key(room)]
+        args = [member.entry, member.key, sender, room, member.user]
+        return await self._call(script(keys=keys, args=args))
 
     async def join(self, member: Member) -> int:
         self._local[member.entry] = member
@@ -232,8 +254,11 @@ class RedisPresence(Presence):
             self._unremoved[member.entry] = member
 
     async def users(self, room: str) -> list[str]:
-        names: list[bytes] = await self._call(self._redis.hkeys(users_key(room)))
-        return sorted(name.decode() for name in names)
+        keys: list[bytes] = await self._call(self._redis.hkeys(users_key(room)))
+        if not keys:
+            return []
+        names: list[bytes | None] = await self._call(self._redis.hmget(names_key(room), keys))
+        return sorted((name or key).decode() for key, name in zip(keys, names, strict=True))
 
     async def _run(self) -> None:
         while True:
@@ -270,7 +295,7 @@ class RedisPresence(Presence):
     async def _reap_owner(self, owner: str) -> None:
         rooms = [r.decode() for r in await self._call(self._redis.smembers(rooms_key(owner)))]
         for room in rooms:
-            keys = [entries_key(room), users_key(room), channel_key(room)]
+            keys = [entries_key(room), users_key(room), channel_key(room), names_key(room)]
             await self._call(self._reap(keys=keys, args=[f"{owner}.", "-", "-", room]))
         await self._call(self._redis.delete(rooms_key(owner)))
 

@@ -7,13 +7,18 @@ so the hot path never parses or serialises JSON per subscriber.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 
-ROOM_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-USERNAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+# Names: the one definition of each rule. `\Z`, not `$`: under `re.match`, `$` also matches
+# before a trailing newline, and `alice\n` got in. Use is_room/is_username.
+ROOM_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+USERNAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}\Z")
+ROOM_RULE: Final = "room must be 1-64 letters, digits, '_', '.' or '-'"
+USERNAME_RULE: Final = "username must be 1-32 letters, digits, '_', '.' or '-'"
 CLIENT_ID_MAX: Final = 64
 
 DEFAULT_HISTORY: Final = 20
@@ -74,6 +79,24 @@ ERROR_RATE_LIMITED: Final = "rate_limited"
 
 _MESSAGE_PREFIX: Final = b'{"type":"message","id":"'
 _PRESENCE_PREFIX: Final = b'{"type":"presence",'
+
+
+def is_room(name: str) -> bool:
+    return ROOM_RE.fullmatch(name) is not None
+
+
+def is_username(name: str) -> bool:
+    """A user name as a client may give it, or a token's `sub`: the same rule for both."""
+    return USERNAME_RE.fullmatch(name) is not None
+
+
+def user_key(name: str) -> str:
+    """Who a user name means: `Dave`, `dave` and look-alikes are one user (per-user cap, presence).
+
+    NFKC folds compatibility forms (full-width letters) and casefold folds case, so the rule
+    holds if USERNAME_RE is ever widened beyond ASCII. Frames show names as given.
+    """
+    return unicodedata.normalize("NFKC", name).casefold()
 
 
 # At most 20 digits each (2**64 has 20): int() never sees a huge string.

@@ -16,7 +16,7 @@ from starlette.datastructures import Headers
 
 from .config import Settings
 from .metrics import REJECT_BAD_REQUEST, REJECT_FORBIDDEN_ROOM, REJECT_ORIGIN, REJECT_UNAUTHORIZED
-from .protocol import USERNAME_RE
+from .protocol import USERNAME_RULE, is_username
 
 SUBPROTOCOL: Final = "chorus.v1"
 BEARER_PREFIX: Final = "bearer."
@@ -127,8 +127,8 @@ class Gatekeeper:
 
 def _identity(claims: dict[str, object]) -> Identity:
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not USERNAME_RE.match(sub):
-        raise Rejection(403, REJECT_UNAUTHORIZED, f"the token's sub must match {USERNAME_RE.pattern}")
+    if not isinstance(sub, str) or not is_username(sub):
+        raise Rejection(403, REJECT_UNAUTHORIZED, f"the token's sub is not a valid name: {USERNAME_RULE}")
     rooms = claims.get("rooms")
     if rooms is not None and (not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms)):
         raise Rejection(403, REJECT_UNAUTHORIZED, "the token's rooms claim must be a list of strings")

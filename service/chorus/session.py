@@ -28,15 +28,18 @@ from .protocol import (
     ERROR_RATE_LIMITED,
     ERROR_UNAVAILABLE,
     MAX_HISTORY,
-    ROOM_RE,
-    USERNAME_RE,
+    ROOM_RULE,
+    USERNAME_RULE,
     ProtocolError,
     ack_frame,
     close_label,
     error_frame,
+    is_room,
+    is_username,
     message_tail,
     parse_client_frame,
     parse_since,
+    user_key,
     welcome_frame,
 )
 from .runtime import Runtime, runtime_of
@@ -82,7 +85,8 @@ async def serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> Non
     tag = runtime.next_tag()
     runtime.sockets += 1
     try:
-        if not await runtime.limiter.acquire(identity.user, tag.decode()):
+        # Counted per user_key: `Dave` and `dave` share the cap.
+        if not await runtime.limiter.acquire(user_key(identity.user), tag.decode()):
             metrics.REJECTIONS.labels(metrics.REJECT_MAX_CONNECTIONS_PER_USER).inc()
             limit = runtime.settings.max_connections_per_user
             detail = f"{identity.user} already has {limit} connections open"
@@ -91,7 +95,7 @@ async def serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> Non
         try:
             await _session(websocket, room, runtime, identity, subprotocol, history, tag)
         finally:
-            await runtime.limiter.release(identity.user, tag.decode())
+            await runtime.limiter.release(user_key(identity.user), tag.decode())
     finally:
         runtime.sockets -= 1
 
@@ -100,14 +104,14 @@ def _admit(websocket: WebSocket, room: str, runtime: Runtime) -> tuple[Identity,
     """Every check that happens before accept(); raises Rejection. No Redis work here."""
     settings = runtime.settings
     params = websocket.query_params
-    if not ROOM_RE.match(room):
-        raise Rejection(400, metrics.REJECT_BAD_REQUEST, f"room must match {ROOM_RE.pattern}")
+    if not is_room(room):
+        raise Rejection(400, metrics.REJECT_BAD_REQUEST, ROOM_RULE)
     runtime.gatekeeper.check_origin(websocket.headers)
     identity, subprotocol = runtime.gatekeeper.identify(websocket.headers, dict(params), room)
     if not identity.user:
         identity = Identity(f"anon-{secrets.token_hex(2)}")
-    if not USERNAME_RE.match(identity.user):
-        raise Rejection(400, metrics.REJECT_BAD_REQUEST, f"username must match {USERNAME_RE.pattern}")
+    if not is_username(identity.user):
+        raise Rejection(400, metrics.REJECT_BAD_REQUEST, USERNAME_RULE)
     try:
         history = int(params.get("history", DEFAULT_HISTORY))
         if not 0 <= history <= MAX_HISTORY:
