@@ -54,6 +54,42 @@ def detail_of(response: httpx.Response) -> str:
     return str(body["detail"])
 
 
+async def test_1_read_apis_need_the_token_the_websocket_needs(
+    make_cluster: Callable[..., LocalCluster], redis: RedisServer
+) -> None:
+    cluster = make_cluster(1, env=AUTH)
+    base = cluster.replica_url(0)
+    writer = await Chat.join(cluster.replica_ws_url(0), "team-a", token=token("alice", rooms=["team-*"]))
+    await writer.send("the plan", client_id="p")
+    await writer.wait_for(lambda f: f.get("type") == "ack")
+    async with httpx.AsyncClient(base_url=base) as http:
+        before = redis_commands(redis)
+        for path in ("/api/rooms/team-a/history", "/api/rooms/team-a/presence"):
+            for params, headers, status in [
+                ({}, {}, 401),  # no token
+                ({"token": "garbage"}, {}, 401),
+                ({"token": token(ttl=-60)}, {}, 401),  # expired
+                ({}, {"Authorization": "Bearer garbage"}, 401),
+                ({}, {"Authorization": f"Bearer {token('bob', rooms=['lobby'])}"}, 403),
+                ({"token": token("bob", rooms=["lobby", "team-b*"])}, {}, 403),
+            ]:
+                response = await http.get(path, params=params, headers=headers)
+                assert response.status_code == status, (path, params, headers, response.text)
+                assert detail_of(response)
+                if status == 401:
+                    assert response.headers["www-authenticate"].startswith("Bearer")
+        # 12 refusals; the readiness probe alone issues a few commands a second meanwhile.
+        assert redis_commands(redis) - before < 12, "refusals must not touch Redis"
+        reader = token("carol", rooms=["team-*"])
+        history = await http.get("/api/rooms/team-a/history", headers={"Authorization": f"Bearer {reader}"})
+        assert [m["text"] for m in history.json()["messages"]] == ["the plan"]
+        presence = await http.get("/api/rooms/team-a/presence", params={"token": reader})
+        assert presence.json() == {"room": "team-a", "online": 1, "users": ["alice"]}
+    text = await metrics_text(base)
+    assert 'chorus_rejections_total{reason="forbidden_room"}' in text
+    await writer.close()
+
+
 async def test_4_names_match_whole_and_spellings_of_one_user_count_once(
     make_cluster: Callable[..., LocalCluster],
 ) -> None:
@@ -148,6 +184,28 @@ async def test_6_out_of_range_since_gets_resync_not_1011(make_cluster: Callable[
         await chat.close()
     log = cluster.replicas[0].output()
     assert "WARNING" not in log and "cannot join" not in log, log[-2000:]
+
+
+async def test_7_token_claims_out_of_range_get_403_not_500(make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster(1, env=AUTH)
+    now = int(time.time())
+    huge = 10**400
+    tokens = [
+        jwt.encode({"sub": "a", "exp": huge}, SECRET, algorithm="HS256"),
+        jwt.encode({"sub": "a", "exp": float("inf")}, SECRET, algorithm="HS256"),
+        jwt.encode({"sub": "a", "exp": now + 60, "nbf": huge}, SECRET, algorithm="HS256"),
+        jwt.encode({"sub": "a", "exp": now + 60, "iat": huge}, SECRET, algorithm="HS256"),
+        jwt.encode({"sub": "a", "exp": "tomorrow"}, SECRET, algorithm="HS256"),
+        jwt.encode({"sub": "a", "exp": True}, SECRET, algorithm="HS256"),
+    ]
+    for signed in tokens:
+        assert await refused(f"{cluster.replica_ws_url(0)}/ws/r?token={signed}") == 403, jwt.decode(
+            signed, options={"verify_signature": False}
+        )
+        response = await http_get(f"{cluster.replica_url(0)}/api/rooms/r/history", params={"token": signed})
+        assert response.status_code == 403 and detail_of(response)
+    log = cluster.replicas[0].output()
+    assert "Traceback" not in log and "ERROR" not in log, log[-2000:]
 
 
 async def test_8_the_token_is_redacted_however_its_name_is_spelled(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
@@ -25,7 +25,7 @@ from .logs import configure_logging
 from .presence import create_presence
 from .protocol import API_HISTORY_DEFAULT, API_HISTORY_MAX, ROOM_RULE, is_room
 from .runtime import Runtime, State, runtime_of
-from .security import Gatekeeper
+from .security import Gatekeeper, Identity, Rejection
 from .session import ChatSockets
 
 log = logging.getLogger("chorus.app")
@@ -36,6 +36,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the ASGI app; every test can build its own with its own settings."""
     settings = settings or load_settings()
+    gatekeeper = Gatekeeper(settings)  # one for the WebSocket handshakes and the HTTP routes
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
@@ -63,9 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tag_prefix = secrets.token_hex(4).encode()
         presence = create_presence(settings, broker, owner=tag_prefix.decode())
         limiter = create_user_limiter(settings, broker)
-        runtime = Runtime(
-            settings, broker, hub, health, presence, Gatekeeper(settings), limiter, tag_prefix=tag_prefix
-        )
+        runtime = Runtime(settings, broker, hub, health, presence, gatekeeper, limiter, tag_prefix=tag_prefix)
         await broker.start()
         await presence.start()
         await limiter.start()
@@ -118,14 +117,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/api/rooms/{room}/history")
+    @app.get("/api/rooms/{room}/history", dependencies=[Depends(reader)])
     async def history(
         request: Request,
         room: str,
         limit: int = Query(API_HISTORY_DEFAULT, ge=1, le=API_HISTORY_MAX),
     ) -> Response:
-        if not is_room(room):
-            return _bad_room()
         try:
             entries = await runtime_of(request).broker.recent(room, limit)
         except BrokerUnavailable:
@@ -133,10 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body = b'{"room":%s,"messages":[%s]}' % (orjson.dumps(room), b",".join(e.frame for e in entries))
         return Response(body, media_type="application/json")
 
-    @app.get("/api/rooms/{room}/presence")
+    @app.get("/api/rooms/{room}/presence", dependencies=[Depends(reader)])
     async def presence_endpoint(request: Request, room: str) -> JSONResponse:
-        if not is_room(room):
-            return _bad_room()
         try:
             users = await runtime_of(request).presence.users(room)
         except BrokerUnavailable:
@@ -148,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_exception_handler(RoomReadRefused, _refused)
 
     return app
 
@@ -159,8 +155,30 @@ async def _bounded(what: str, step: Awaitable[Any], timeout: float = 3.0) -> Non
         log.error("shutdown: stopping %s took over %.0fs; going on", what, timeout)
 
 
-def _bad_room() -> JSONResponse:
-    return JSONResponse({"detail": ROOM_RULE}, status_code=400)
+class RoomReadRefused(Exception):
+    """A read of a room refused before any Redis work; answered by `_refused`."""
+
+    def __init__(self, rejection: Rejection) -> None:
+        super().__init__(rejection.detail)
+        self.rejection = rejection
+
+
+async def reader(request: Request, room: str) -> Identity:
+    """Every HTTP read of a room passes here first: the room's name, then the WebSocket's auth rules."""
+    try:
+        if not is_room(room):
+            raise Rejection(400, metrics.REJECT_BAD_REQUEST, ROOM_RULE)
+        return runtime_of(request).gatekeeper.identify_reader(request.headers, request.query_params, room)
+    except Rejection as rejection:
+        raise RoomReadRefused(rejection) from None
+
+
+def _refused(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RoomReadRefused)
+    rejection = exc.rejection
+    metrics.REJECTIONS.labels(rejection.reason).inc()
+    headers = {"WWW-Authenticate": 'Bearer realm="chorus"'} if rejection.status == 401 else None
+    return JSONResponse({"detail": rejection.detail}, status_code=rejection.status, headers=headers)
 
 
 async def _sample_gauges(runtime: Runtime) -> None:

@@ -69,7 +69,7 @@ BUILD_INFO.labels(version=__version__).set(1)
 
 REJECTIONS = Counter(
     "chorus_rejections",
-    "Handshakes refused and sockets closed for breaking a rule, by reason (a closed set of values).",
+    "Handshakes and room reads refused, and sockets closed for breaking a rule, by reason (a closed set).",
     ["reason"],
 )
 

@@ -1,12 +1,14 @@
 """Who may open which room, from where, and how fast they may talk.
 
-Everything here runs before `accept()` (the handshake is refused with an HTTP status and no
-Redis work is done) except the rate limiter, which judges each message.
+Everything here runs before `accept()` or before an HTTP read of a room (the request is refused
+with an HTTP status and no Redis work is done) except the rate limiter, which judges each message.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
@@ -15,7 +17,12 @@ import jwt
 from starlette.datastructures import Headers
 
 from .config import Settings
-from .metrics import REJECT_BAD_REQUEST, REJECT_FORBIDDEN_ROOM, REJECT_ORIGIN, REJECT_UNAUTHORIZED
+from .metrics import (
+    REJECT_BAD_REQUEST,
+    REJECT_FORBIDDEN_ROOM,
+    REJECT_ORIGIN,
+    REJECT_UNAUTHORIZED,
+)
 from .protocol import USERNAME_RULE, is_username
 
 SUBPROTOCOL: Final = "chorus.v1"
@@ -23,10 +30,23 @@ BEARER_PREFIX: Final = "bearer."
 HS_ALGORITHMS: Final = ["HS256"]
 PUBLIC_KEY_ALGORITHMS: Final = ["RS256", "ES256"]
 CLOCK_LEEWAY_SECONDS: Final = 5
+# NumericDate claims beyond year 9999 are refused: 10**400 overflowed float() (HTTP 500), and
+# a timer that far out is no timer.
+MAX_NUMERIC_DATE: Final = 253_402_300_799
+# PyJWT verifies the signature; Chorus checks the claims itself, so that a signed token with
+# unusable claims (403) is told apart from a token that is missing, forged or expired (401).
+_SIGNATURE_ONLY: Final = {
+    "verify_exp": False,
+    "verify_nbf": False,
+    "verify_iat": False,
+    "verify_sub": False,
+    "verify_jti": False,
+    "require": [],
+}
 
 
 class Rejection(Exception):
-    """A handshake refused before accept(): HTTP status, metric reason, and a sentence for the client."""
+    """A request refused before accept() or before any Redis work: HTTP status, metric reason, a sentence."""
 
     def __init__(self, status: int, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -60,7 +80,7 @@ def offered_subprotocols(headers: Headers) -> list[str]:
 
 
 class Gatekeeper:
-    """Origin check and JWT authentication for WebSocket handshakes."""
+    """Origin check and JWT authorization, one set of rules for WebSockets and HTTP."""
 
     def __init__(self, settings: Settings) -> None:
         self._allowed = set(settings.allowed_origins)
@@ -90,8 +110,8 @@ class Gatekeeper:
             return
         raise Rejection(403, REJECT_ORIGIN, f"origin {origin[:100]!r} may not open WebSockets here")
 
-    def identify(self, headers: Headers, params: dict[str, str], room: str) -> tuple[Identity, str | None]:
-        """The user behind a handshake, and the subprotocol to select (if any)."""
+    def identify(self, headers: Headers, params: Mapping[str, str], room: str) -> tuple[Identity, str | None]:
+        """The user behind a WebSocket handshake, and the subprotocol to select (if any)."""
         offered = offered_subprotocols(headers)
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
         bearer = next((p[len(BEARER_PREFIX) :] for p in offered if p.startswith(BEARER_PREFIX)), None)
@@ -100,40 +120,62 @@ class Gatekeeper:
                 400, REJECT_BAD_REQUEST, f"a bearer.<token> subprotocol needs {SUBPROTOCOL} offered too"
             )
         if self._key is None:
-            user = params.get("username") or ""
-            return Identity(user), subprotocol
-        token = bearer or params.get("token")
+            return Identity(params.get("username") or ""), subprotocol
+        return self.authorize(bearer or params.get("token"), room), subprotocol
+
+    def identify_reader(self, headers: Headers, params: Mapping[str, str], room: str) -> Identity:
+        """The reader behind an HTTP read of a room: `Authorization: Bearer <jwt>` or `?token=`."""
+        if self._key is None:
+            return Identity("")
+        scheme, _, credentials = headers.get("authorization", "").partition(" ")
+        bearer = credentials.strip() if scheme.lower() == "bearer" else None
+        return self.authorize(bearer or params.get("token"), room)
+
+    def authorize(self, token: str | None, room: str) -> Identity:
+        """The identity a token proves, if it opens `room`: 401 no valid token, 403 not this room."""
         if not token:
-            raise Rejection(
-                403, REJECT_UNAUTHORIZED, "a token is required (?token= or the bearer.<jwt> subprotocol)"
-            )
+            detail = "a token is required (Authorization: Bearer, ?token= or a bearer.<jwt> subprotocol)"
+            raise Rejection(401, REJECT_UNAUTHORIZED, detail)
+        assert self._key is not None
         try:
-            claims = jwt.decode(
-                token,
-                self._key,
-                algorithms=self._algorithms,
-                options={"require": ["exp", "sub"]},
-                leeway=CLOCK_LEEWAY_SECONDS,
-            )
-        except jwt.ExpiredSignatureError:
-            raise Rejection(403, REJECT_UNAUTHORIZED, "the token has expired") from None
+            claims = jwt.decode(token, self._key, algorithms=self._algorithms, options=_SIGNATURE_ONLY)  # type: ignore[arg-type]
         except jwt.InvalidTokenError as exc:
-            raise Rejection(403, REJECT_UNAUTHORIZED, f"the token is not valid: {exc}") from None
+            raise Rejection(401, REJECT_UNAUTHORIZED, f"the token is not valid: {exc}") from None
         identity = _identity(claims)
         if not identity.may_enter(room):
             raise Rejection(403, REJECT_FORBIDDEN_ROOM, f"the token does not open room {room!r}")
-        return identity, subprotocol
+        return identity
 
 
-def _identity(claims: dict[str, object]) -> Identity:
+def _numeric_date(claims: Mapping[str, object], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Rejection(403, REJECT_UNAUTHORIZED, f"the token's {name} must be a number of seconds")
+    if not (isinstance(value, int) or math.isfinite(value)) or not 0 <= value <= MAX_NUMERIC_DATE:
+        raise Rejection(403, REJECT_UNAUTHORIZED, f"the token's {name} is out of range")
+    return float(value)
+
+
+def _identity(claims: Mapping[str, object]) -> Identity:
+    """Check the claims of a token whose signature is valid (RFC 7519 NumericDate rules)."""
     sub = claims.get("sub")
     if not isinstance(sub, str) or not is_username(sub):
         raise Rejection(403, REJECT_UNAUTHORIZED, f"the token's sub is not a valid name: {USERNAME_RULE}")
     rooms = claims.get("rooms")
     if rooms is not None and (not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms)):
         raise Rejection(403, REJECT_UNAUTHORIZED, "the token's rooms claim must be a list of strings")
-    exp = claims.get("exp")
-    return Identity(sub, tuple(rooms) if rooms is not None else None, float(exp) if exp is not None else None)  # type: ignore[arg-type]
+    exp = _numeric_date(claims, "exp")
+    if exp is None:
+        raise Rejection(403, REJECT_UNAUTHORIZED, "the token must carry exp")
+    nbf, iat = _numeric_date(claims, "nbf"), _numeric_date(claims, "iat")
+    now = time.time()
+    if exp <= now - CLOCK_LEEWAY_SECONDS:
+        raise Rejection(401, REJECT_UNAUTHORIZED, "the token has expired")
+    if max(nbf or 0.0, iat or 0.0) > now + CLOCK_LEEWAY_SECONDS:
+        raise Rejection(401, REJECT_UNAUTHORIZED, "the token is not valid yet")
+    return Identity(sub, tuple(rooms) if rooms is not None else None, exp)
 
 
 class TokenBucket:

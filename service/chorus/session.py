@@ -107,7 +107,7 @@ def _admit(websocket: WebSocket, room: str, runtime: Runtime) -> tuple[Identity,
     if not is_room(room):
         raise Rejection(400, metrics.REJECT_BAD_REQUEST, ROOM_RULE)
     runtime.gatekeeper.check_origin(websocket.headers)
-    identity, subprotocol = runtime.gatekeeper.identify(websocket.headers, dict(params), room)
+    identity, subprotocol = runtime.gatekeeper.identify(websocket.headers, params, room)
     if not identity.user:
         identity = Identity(f"anon-{secrets.token_hex(2)}")
     if not is_username(identity.user):
