@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 from collections.abc import Callable
 
@@ -264,3 +265,46 @@ async def test_9_text_policy_refuses_controls_bidi_and_invisible_messages(
     assert sender.ws.close_code is None
     for chat in (watcher, sender):
         await chat.close()
+
+
+def _ws_status(port: int, path: str, host: str) -> int:
+    """The status of a WebSocket handshake sent with the given Host header."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n" not in head:
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            head += chunk
+    return int(head.split()[1])
+
+
+async def test_10_allowed_hosts_refuse_a_rebound_host(make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster(1, env={"CHORUS_ALLOWED_HOSTS": ".example.com,127.0.0.1"})
+    port = cluster.replica_ports[0]
+    base = cluster.replica_url(0)
+    assert await asyncio.to_thread(_ws_status, port, "/ws/r", "rebound.attacker.test") == 400
+    assert await asyncio.to_thread(_ws_status, port, "/ws/r", "chat.example.com:443") == 101
+    assert await asyncio.to_thread(_ws_status, port, "/ws/r", "example.com") == 101
+    async with httpx.AsyncClient(base_url=base) as http:
+        for host, status in [
+            ("rebound.attacker.test", 400),
+            ("example.com.attacker.test", 400),
+            ("notexample.com", 400),
+            ("chat.example.com:8443", 200),
+            (f"127.0.0.1:{port}", 200),
+        ]:
+            response = await http.get("/api/rooms/r/presence", headers={"Host": host})
+            assert response.status_code == status, (host, response.text)
+            if status == 400:
+                assert "host" in detail_of(response)
+        for path in ("/livez", "/readyz", "/metrics"):  # kubelet and Prometheus use the pod IP
+            assert (await http.get(path, headers={"Host": "10.1.2.3:8000"})).status_code == 200
+    text = await metrics_text(base)
+    assert re.search(r'^chorus_rejections_total\{reason="host"\} 4\.0$', text, re.M), text

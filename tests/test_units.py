@@ -19,6 +19,7 @@ from chorus.protocol import (
     parse_client_frame,
     parse_since,
 )
+from chorus.security import host_allowed
 
 
 def test_resp_parser_handles_split_reads_and_binary_payloads() -> None:
@@ -121,6 +122,28 @@ def test_kubernetes_service_variables_do_not_break_settings(monkeypatch: pytest.
 def test_redis_password_is_redacted() -> None:
     assert redact_url("rediss://user:pw@host:6380/0") == "rediss://user:***@host:6380/0"
     assert Settings(redis_url="redis://:pw@h:1/0").redis_url_redacted == "redis://:***@h:1/0"
+
+
+def test_allowed_hosts_match_like_django() -> None:
+    allowed = [".example.com", "chorus.internal", "[::1]"]
+    for host in (
+        "example.com",
+        "chat.example.com:443",
+        "A.B.Example.COM.",
+        "chorus.internal:8000",
+        "[::1]:80",
+    ):
+        assert host_allowed(host, allowed), host
+    for host in ("", "example.com.evil.test", "notexample.com", "chorus.internal.evil", "[::2]", "::1"):
+        assert not host_allowed(host, allowed), host
+    assert host_allowed("anything:1", ["*"])
+    assert load_settings(allowed_hosts=" Chat.Example.com., .example.org ").allowed_hosts == [
+        "chat.example.com",
+        ".example.org",
+    ]
+    for bad in ("https://chat.example.com", "chat.example.com:443", "a..b", "/x"):
+        with pytest.raises(SettingsError, match=r"^CHORUS_ALLOWED_HOSTS: "):
+            load_settings(allowed_hosts=bad)
 
 
 def test_token_values_are_redacted_whatever_the_spelling_of_the_name() -> None:

@@ -14,6 +14,8 @@ import orjson
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__, metrics
 from .broker import BrokerUnavailable, create_broker
@@ -93,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # WebSocket /ws/{room} (protocol in README): served by ChatSockets, ahead of the router.
     app.add_middleware(ChatSockets)
+    app.add_middleware(ApiHosts, gatekeeper=gatekeeper)
 
     @app.get("/livez")
     async def livez() -> dict[str, str]:
@@ -179,6 +182,28 @@ def _refused(request: Request, exc: Exception) -> JSONResponse:
     metrics.REJECTIONS.labels(rejection.reason).inc()
     headers = {"WWW-Authenticate": 'Bearer realm="chorus"'} if rejection.status == 401 else None
     return JSONResponse({"detail": rejection.detail}, status_code=rejection.status, headers=headers)
+
+
+class ApiHosts:
+    """CHORUS_ALLOWED_HOSTS for /api/*: a Host not served gets 400 (WebSockets check it in the handshake).
+
+    /livez, /readyz and /metrics stay open to any Host: kubelet and Prometheus reach pods by IP.
+    """
+
+    def __init__(self, app: ASGIApp, *, gatekeeper: Gatekeeper) -> None:
+        self.app = app
+        self.gatekeeper = gatekeeper
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/api/"):
+            try:
+                self.gatekeeper.check_host(Headers(scope=scope))
+            except Rejection as rejection:
+                metrics.REJECTIONS.labels(rejection.reason).inc()
+                response = JSONResponse({"detail": rejection.detail}, status_code=rejection.status)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def _sample_gauges(runtime: Runtime) -> None:

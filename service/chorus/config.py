@@ -15,6 +15,9 @@ from .topology import Topology, parse_redis_url
 
 ENV_PREFIX = "CHORUS_"
 REDIS_SCHEMES = ("redis", "rediss")
+# An ALLOWED_HOSTS entry: a DNS name or IPv4 address (a leading dot: and its subdomains), or [IPv6].
+_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
+_HOST_ENTRY = re.compile(rf"\.?{_LABEL}(\.{_LABEL})*|\[[0-9a-f:.]+\]")
 
 
 class SettingsError(ValueError):
@@ -58,6 +61,9 @@ class Settings(BaseSettings):
     auth_jwt_public_key: Path | None = None
     # -- Origins allowed to open WebSockets; empty: the Host's own origin only. No Origin header: allowed.
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # -- Host header values served (WebSockets and /api/*), like Django's ALLOWED_HOSTS:
+    # `chat.example.com`, `.example.com` (it and its subdomains), `*`; port ignored. Empty: any.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     rate_limit: float = Field(10.0, gt=0, le=10_000)
     rate_burst: int = Field(20, ge=1, le=100_000)
     # -- Seconds a client may stay over the rate limit before it is closed with 1008.
@@ -86,6 +92,19 @@ class Settings(BaseSettings):
                 ):
                     raise ValueError(f"{origin!r} is not an origin like https://chat.example.com")
             return [str(origin).rstrip("/").lower() for origin in value]
+        return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            hosts = [str(host).lower().removesuffix(".") for host in value]
+            for host in hosts:
+                if host != "*" and not _HOST_ENTRY.fullmatch(host):
+                    raise ValueError(f"{host!r} is not a host name like chat.example.com or .example.com")
+            return hosts
         return value
 
     @field_validator("auth_jwt_secret")

@@ -78,6 +78,7 @@ REJECT_BAD_REQUEST: Final = "bad_request"
 REJECT_UNAUTHORIZED: Final = "unauthorized"
 REJECT_FORBIDDEN_ROOM: Final = "forbidden_room"
 REJECT_ORIGIN: Final = "origin"
+REJECT_HOST: Final = "host"  # Host header not in CHORUS_ALLOWED_HOSTS
 REJECT_DRAINING: Final = "draining"
 REJECT_MAX_CONNECTIONS: Final = "max_connections"
 REJECT_MAX_CONNECTIONS_PER_USER: Final = "max_connections_per_user"

@@ -20,6 +20,7 @@ from .config import Settings
 from .metrics import (
     REJECT_BAD_REQUEST,
     REJECT_FORBIDDEN_ROOM,
+    REJECT_HOST,
     REJECT_ORIGIN,
     REJECT_UNAUTHORIZED,
 )
@@ -79,11 +80,28 @@ def offered_subprotocols(headers: Headers) -> list[str]:
     ]
 
 
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    """Django's ALLOWED_HOSTS match: exact, `.example.com` for it and its subdomains, `*`; port ignored."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [IPv6]:port
+        host = host[: host.find("]") + 1] if "]" in host else host
+    else:
+        host = host.rpartition(":")[0] if ":" in host else host
+    host = host.removesuffix(".")
+    if not host:
+        return False
+    return any(
+        entry in ("*", host) or (entry.startswith(".") and (host.endswith(entry) or host == entry[1:]))
+        for entry in allowed
+    )
+
+
 class Gatekeeper:
-    """Origin check and JWT authorization, one set of rules for WebSockets and HTTP."""
+    """Host and Origin checks and JWT authorization, one set of rules for WebSockets and HTTP."""
 
     def __init__(self, settings: Settings) -> None:
         self._allowed = set(settings.allowed_origins)
+        self._hosts = list(settings.allowed_hosts)
         self._key: str | bytes | None = None
         self._algorithms: list[str] = []
         if settings.auth_jwt_secret is not None:
@@ -96,6 +114,14 @@ class Gatekeeper:
     @property
     def auth_required(self) -> bool:
         return self._key is not None
+
+    def check_host(self, headers: Headers) -> None:
+        """With CHORUS_ALLOWED_HOSTS set, refuse a Host not listed: a DNS-rebound page carries its own."""
+        if not self._hosts:
+            return
+        host = headers.get("host", "")
+        if not host_allowed(host, self._hosts):
+            raise Rejection(400, REJECT_HOST, f"host {host[:100]!r} is not served here")
 
     def check_origin(self, headers: Headers) -> None:
         """Refuse cross-site WebSocket hijacking: a browser's Origin must be allowed."""

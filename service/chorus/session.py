@@ -104,6 +104,7 @@ def _admit(websocket: WebSocket, room: str, runtime: Runtime) -> tuple[Identity,
     """Every check that happens before accept(); raises Rejection. No Redis work here."""
     settings = runtime.settings
     params = websocket.query_params
+    runtime.gatekeeper.check_host(websocket.headers)
     if not is_room(room):
         raise Rejection(400, metrics.REJECT_BAD_REQUEST, ROOM_RULE)
     runtime.gatekeeper.check_origin(websocket.headers)
