@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from chorus import metrics
 from chorus.backend import RespError, RespParser, encode_command
 from chorus.config import Settings, SettingsError, load_settings, redact_url
 from chorus.logs import redact
@@ -162,3 +165,15 @@ def test_close_labels_are_a_closed_set() -> None:
     assert close_label(4123) == close_label(3000) == close_label(1004) == "client_other"
     assert close_label(None) == close_label(1006) == "abnormal"
     assert {close_label(code) for code in range(0, 70_000)} <= set(CLOSE_LABELS)
+
+
+def test_docs_list_every_close_label_and_rejection_reason() -> None:
+    root = Path(__file__).resolve().parents[1]
+    security = (root / "docs" / "security.md").read_text()
+    readme = (root / "README.md").read_text()
+    reasons = [value for name, value in vars(metrics).items() if name.startswith("REJECT_")]
+    assert "host" in reasons
+    for reason in reasons:
+        assert f"`{reason}`" in security, reason
+    for label in CLOSE_LABELS:
+        assert f"{label}" in readme and f"{label}" in security, label
