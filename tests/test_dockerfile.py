@@ -1,4 +1,4 @@
-"""The Dockerfile's text: pinned base, non-root, what the chart runs (tests/test_image.py builds and runs it)."""
+"""The Dockerfile's text: pinned base, non-root, the chart's command (test_image.py builds and runs it)."""
 
 from __future__ import annotations
 
