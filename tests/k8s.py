@@ -76,3 +76,27 @@ def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> d
 
 def chorus_deployment(objects: list[dict[str, Any]]) -> dict[str, Any]:
     return find(objects, "Deployment", RELEASE)
+
+
+def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes LabelSelector (matchLabels AND matchExpressions) matches `labels`.
+
+    An empty selector matches everything; a null one (None) matches nothing, as in the API.
+    """
+    if selector is None:
+        return False
+    if any(labels.get(key) != value for key, value in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values") or []
+        if operator == "In" and labels.get(key) not in values:
+            return False
+        if operator == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+        if operator not in {"In", "NotIn", "Exists", "DoesNotExist"}:
+            raise ValueError(f"unknown selector operator {operator!r}")
+    return True

@@ -17,7 +17,19 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from k8s import CHART, CI_VALUES, NAMESPACE, RELEASE, chorus_deployment, find, render, render_text, run, tool
+from k8s import (
+    CHART,
+    CI_VALUES,
+    NAMESPACE,
+    RELEASE,
+    chorus_deployment,
+    find,
+    render,
+    render_text,
+    run,
+    selects,
+    tool,
+)
 
 # Two recent minors (and the oldest the chart's kubeVersion promises to keep working on).
 KUBERNETES_VERSIONS = ["1.33.0", "1.35.0"]
@@ -255,3 +267,31 @@ def test_chart_readme_lists_every_documented_value() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_helm_test_pod_is_selected_by_nothing_of_the_chart(values: Path) -> None:
+    """The smoke pod takes no chat traffic, blocks no drain and is held to no chat pod's policy."""
+    objects = render(values)
+    smoke = find(objects, "Pod", f"{RELEASE}-smoke")["metadata"]["labels"]
+    deployment = chorus_deployment(objects)
+    chat = deployment["spec"]["template"]["metadata"]["labels"]
+    selectors = {
+        "Deployment": deployment["spec"]["selector"],
+        "Service": {"matchLabels": find(objects, "Service", RELEASE)["spec"]["selector"]},
+    }
+    for obj in objects:
+        if obj["kind"] == "PodDisruptionBudget":
+            selectors[f"PodDisruptionBudget/{obj['metadata']['name']}"] = obj["spec"]["selector"]
+        if obj["kind"] == "NetworkPolicy" and obj["metadata"]["name"] == RELEASE:
+            selectors["NetworkPolicy"] = obj["spec"]["podSelector"]
+    for name, selector in selectors.items():
+        assert selects(selector, chat), f"{name} must select the chat pods"
+        assert not selects(selector, smoke), f"{name} selects the helm test pod"
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
+        # Only its own policy (egress to the chat port and DNS) selects the helm test pod.
+        own = policy["metadata"]["name"] == f"{RELEASE}-test"
+        assert selects(policy["spec"]["podSelector"], smoke) == own, policy["metadata"]["name"]
+    assert any(name.startswith("PodDisruptionBudget") for name in selectors), (
+        "every ci values file keeps the PDB"
+    )

@@ -35,6 +35,26 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: chorus
 {{- end }}
 
+{{/*
+Labels of the `helm test` pod. Its name is `<chart>-test`, not the chart name, so the selector
+pair (name + instance) of the Service, PodDisruptionBudget and NetworkPolicy never matches it:
+matched, it would take chat traffic, block node drains (a pod without a controller) and be
+held to the chat pods' egress rules.
+*/}}
+{{- define "chorus.testSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "chorus.name" . }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: smoke-test
+{{- end }}
+
+{{- define "chorus.testLabels" -}}
+helm.sh/chart: {{ include "chorus.chart" . }}
+{{ include "chorus.testSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: chorus
+{{- end }}
+
 {{- define "chorus.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "chorus.fullname" .) .Values.serviceAccount.name }}
