@@ -7,7 +7,10 @@ objects (ServiceMonitor, PrometheusRule, HTTPRoute) by their own fields.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -295,3 +298,69 @@ def test_helm_test_pod_is_selected_by_nothing_of_the_chart(values: Path) -> None
     assert any(name.startswith("PodDisruptionBudget") for name in selectors), (
         "every ci values file keeps the PDB"
     )
+
+
+def _render_fresh(chart: Path = CHART, sets: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """One `helm template` run, never cached: each run draws its own random values."""
+    argv = [tool("helm"), "template", RELEASE, str(chart), "--namespace", NAMESPACE]
+    for item in sets:
+        argv += ["--set", item]
+    result = run(argv)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def _redis_password_and_checksums(objects: list[dict[str, Any]]) -> tuple[str, dict[str, str]]:
+    secret = find(objects, "Secret", f"{RELEASE}-redis")
+    password = base64.b64decode(secret["data"]["redis-password"]).decode()
+    checksums = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+        for d in objects
+        if d["kind"] == "Deployment"
+    }
+    assert set(checksums) == {RELEASE, f"{RELEASE}-redis"}
+    return password, checksums
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_generated_redis_password_is_drawn_once_and_only_it_is_hashed() -> None:
+    passwords = set()
+    for _ in range(2):
+        password, checksums = _redis_password_and_checksums(_render_fresh())
+        assert len(password) == 32
+        # Both Deployments hash the very password the Secret holds, not a second random draw.
+        assert set(checksums.values()) == {_sha256(password)}
+        passwords.add(password)
+    assert len(passwords) == 2, "without a live Secret (helm template has no lookup) each install draws anew"
+
+
+def test_upgrade_keeps_the_live_redis_password_and_restarts_nothing(tmp_path: Path) -> None:
+    """`lookup` stubbed with a live Secret: the checksums stay put across renders and config changes."""
+    chart = tmp_path / "chorus"
+    shutil.copytree(CHART, chart)
+    helpers = chart / "templates" / "_helpers.tpl"
+    call = 'lookup "v1" "Secret" .Release.Namespace (include "chorus.redis.fullname" .)'
+    text = helpers.read_text()
+    assert text.count(call) == 1, "the Secret lookup moved: update this stub"
+    live = "live-password-from-the-cluster"
+    helpers.write_text(text.replace(call, f'dict "data" (dict "redis-password" ("{live}" | b64enc))'))
+    renders = [_render_fresh(chart), _render_fresh(chart), _render_fresh(chart, ("config.logLevel=debug",))]
+    for objects in renders:
+        password, checksums = _redis_password_and_checksums(objects)
+        assert password == live
+        assert set(checksums.values()) == {_sha256(live)}
+    # A chat setting changes only the chat pods' config checksum; Redis (and its data) stays.
+    redis = [find(o, "Deployment", f"{RELEASE}-redis")["spec"]["template"] for o in renders]
+    assert redis[0] == redis[1] == redis[2]
+    annotations = [chorus_deployment(o)["spec"]["template"]["metadata"]["annotations"] for o in renders]
+    assert annotations[0] == annotations[1]
+    assert annotations[2]["checksum/config"] != annotations[0]["checksum/config"]
+
+
+def test_given_redis_password_is_the_one_hashed() -> None:
+    password, checksums = _redis_password_and_checksums(_render_fresh(sets=("redis.auth.password=given-pw",)))
+    assert password == "given-pw"
+    assert set(checksums.values()) == {_sha256("given-pw")}

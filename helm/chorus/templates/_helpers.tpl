@@ -103,6 +103,45 @@ app.kubernetes.io/part-of: chorus
 {{- default (include "chorus.redis.fullname" .) .Values.redis.auth.existingSecret }}
 {{- end }}
 
+{{/*
+The bundled Redis's password, decided once per render: the value, else the live Secret's
+(`lookup`, so upgrades keep it), else a random one. The result is kept in .Values (one map for
+the whole render), because each `include` re-runs the template: a randAlphaNum per include made
+the Secret and the checksums disagree, and every upgrade restarted Redis (an emptyDir: all
+history lost). Empty when the password lives in `redis.auth.existingSecret`.
+*/}}
+{{- define "chorus.redis.password" -}}
+{{- $auth := .Values.redis.auth }}
+{{- if not (hasKey $auth "_resolved") }}
+{{- $password := $auth.password }}
+{{- if and .Values.redis.enabled (not $auth.existingSecret) (not $password) }}
+{{- $live := lookup "v1" "Secret" .Release.Namespace (include "chorus.redis.fullname" .) }}
+{{- $password = index ($live.data | default dict) "redis-password" | default "" | b64dec }}
+{{- $password = $password | default (randAlphaNum 32) }}
+{{- end }}
+{{- if $auth.existingSecret }}{{ $password = "" }}{{ end }}
+{{- $_ := set $auth "_resolved" $password }}
+{{- end }}
+{{- $auth._resolved }}
+{{- end }}
+
+{{/*
+What the chorus pods' checksum/secret hashes: only the secret values this chart owns (the
+Redis password, the JWT secret, the external Redis URL), one per line, never a whole template.
+*/}}
+{{- define "chorus.secretMaterial" -}}
+{{- $parts := list }}
+{{- if .Values.redis.enabled }}
+{{- $parts = append $parts (include "chorus.redis.password" .) }}
+{{- else if not .Values.externalRedis.existingSecret }}
+{{- $parts = append $parts (include "chorus.externalRedis.url" .) }}
+{{- end }}
+{{- if not .Values.auth.existingSecret }}
+{{- $parts = append $parts .Values.auth.jwtSecret }}
+{{- end }}
+{{- $parts | compact | join "\n" }}
+{{- end }}
+
 {{- define "chorus.redis.secretKey" -}}
 {{- if .Values.redis.auth.existingSecret }}{{ .Values.redis.auth.existingSecretKey }}{{ else }}redis-password{{ end }}
 {{- end }}
