@@ -364,3 +364,27 @@ def test_given_redis_password_is_the_one_hashed() -> None:
     password, checksums = _redis_password_and_checksums(_render_fresh(sets=("redis.auth.password=given-pw",)))
     assert password == "given-pw"
     assert set(checksums.values()) == {_sha256("given-pw")}
+
+
+@pytest.mark.parametrize("drain", [10, 30])
+def test_rollouts_lose_no_capacity(drain: int) -> None:
+    objects = render(None, (f"config.drainSeconds={drain}",))
+    spec = chorus_deployment(objects)["spec"]
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    rolling = spec["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0, "a rollout must never drop below the desired replicas"
+    assert int(str(rolling["maxSurge"]).rstrip("%")) >= 1
+    assert spec["minReadySeconds"] >= 1
+    assert float(find(objects, "ConfigMap", RELEASE)["data"]["CHORUS_DRAIN_SECONDS"]) == drain
+    # The grace period follows the drain window: derived in the template, not kept by hand.
+    base = chorus_deployment(render())["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace - base == drain - 10
+    pause = int(_container(objects)["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert grace >= pause + drain + 10 + 1
+
+
+def test_schema_keeps_rollouts_surging() -> None:
+    for bad in ["rollingUpdate.maxSurge=0", "minReadySeconds=-1", "rollingUpdate.extra=1"]:
+        result = run([tool("helm"), "template", RELEASE, str(CHART), "--set", bad])
+        assert result.returncode != 0, bad
