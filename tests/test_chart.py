@@ -388,3 +388,32 @@ def test_schema_keeps_rollouts_surging() -> None:
     for bad in ["rollingUpdate.maxSurge=0", "minReadySeconds=-1", "rollingUpdate.extra=1"]:
         result = run([tool("helm"), "template", RELEASE, str(CHART), "--set", bad])
         assert result.returncode != 0, bad
+
+
+def _allowed_hosts(objects: list[dict[str, Any]]) -> list[str] | None:
+    value = find(objects, "ConfigMap", RELEASE)["data"].get("CHORUS_ALLOWED_HOSTS")
+    return None if value is None else value.split(",")
+
+
+def test_allowed_hosts_follow_ingress_route_and_service() -> None:
+    in_cluster = [
+        RELEASE,
+        f"{RELEASE}.{NAMESPACE}",
+        f"{RELEASE}.{NAMESPACE}.svc",
+        f"{RELEASE}.{NAMESPACE}.svc.cluster.local",
+    ]
+    assert _allowed_hosts(render()) is None, "nothing named: any Host, as the service defaults"
+    ingress = _allowed_hosts(render(CHART / "ci" / "ingress-values.yaml"))
+    assert ingress == ["chat.example.com", *in_cluster]
+    route = render(CHART / "ci" / "httproute-values.yaml", ("config.allowedHosts={extra.example.com}",))
+    assert _allowed_hosts(route) == ["chat.example.com", "extra.example.com", *in_cluster]
+    assert _allowed_hosts(render(None, ("config.allowedHosts={a.example.com}",))) == [
+        "a.example.com",
+        *in_cluster,
+    ]
+    # The helm test pod reaches the Service by its short name, which must be on the list.
+    smoke = find(render(CHART / "ci" / "ingress-values.yaml"), "Pod", f"{RELEASE}-smoke")
+    url = smoke["spec"]["containers"][0]["args"][2]
+    assert url.removeprefix("ws://").split(":")[0] in ingress
+    bad = run([tool("helm"), "template", RELEASE, str(CHART), "--set", "config.allowedHosts={a.com b.com}"])
+    assert bad.returncode != 0

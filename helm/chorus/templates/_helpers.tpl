@@ -179,6 +179,28 @@ Redis password, the JWT secret, the external Redis URL), one per line, never a w
 {{- if or .Values.auth.jwtSecret .Values.auth.existingSecret }}true{{ end }}
 {{- end }}
 
+{{/*
+CHORUS_ALLOWED_HOSTS, comma separated, or empty (any Host) when neither the user nor an
+Ingress/HTTPRoute names a host. Once there is a list, the Service's in-cluster names join it so
+in-cluster clients (the `helm test` pod: ws://<fullname>:<port>) are not refused.
+*/}}
+{{- define "chorus.allowedHosts" -}}
+{{- $hosts := list }}
+{{- if .Values.ingress.enabled }}
+{{- range .Values.ingress.hosts }}{{ $hosts = append $hosts .host }}{{ end }}
+{{- end }}
+{{- if .Values.httpRoute.enabled }}
+{{- $hosts = concat $hosts (.Values.httpRoute.hostnames | default list) }}
+{{- end }}
+{{- $hosts = concat $hosts (.Values.config.allowedHosts | default list) }}
+{{- if $hosts }}
+{{- $svc := include "chorus.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- $hosts = concat $hosts (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns)) }}
+{{- $hosts | compact | uniq | join "," }}
+{{- end }}
+{{- end }}
+
 {{/* The kubelet's grace period: preStop pause + drain window + gunicorn's 10 s margin + ours. */}}
 {{- define "chorus.terminationGracePeriodSeconds" -}}
 {{- add (int .Values.preStopSleepSeconds) (int (ceil .Values.config.drainSeconds)) 10 (int .Values.terminationGraceMarginSeconds) }}
