@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from chorus.devcluster import find_binary
-from k8s import ROOT, run, tool
+from k8s import CHART, ROOT, run, tool
 
 SCRIPTS = sorted((ROOT / "k8s").rglob("*.sh"))
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
@@ -48,3 +49,39 @@ def test_kind_overlay_runs_the_loaded_image_in_its_namespace() -> None:
     cluster = yaml.safe_load((ROOT / "k8s" / "kind" / "cluster.yaml").read_text())
     roles = [node["role"] for node in cluster["nodes"]]
     assert roles.count("control-plane") == 1 and roles.count("worker") == 2
+
+
+KIND = ROOT / "k8s" / "kind"
+
+
+def _kind_render(namespace: str) -> list[dict[str, Any]]:
+    """The chart as kind.sh installs it (k8s/kind/chorus-values.yaml) into `namespace`."""
+    argv = [
+        tool("helm"),
+        "template",
+        "chat",
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--values",
+        str(KIND / "chorus-values.yaml"),
+    ]
+    result = run(argv)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_kind_dashboard_lands_in_the_folder_it_asks_for() -> None:
+    sidecar = yaml.safe_load((KIND / "monitoring-values.yaml").read_text())["grafana"]["sidecar"][
+        "dashboards"
+    ]
+    (dashboard,) = [
+        o
+        for o in _kind_render("chorus")
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard")
+    ]
+    assert dashboard["metadata"]["labels"][sidecar["label"]] == sidecar["labelValue"]
+    assert sidecar["searchNamespace"] == "ALL"
+    # The sidecar reads the folder from this annotation; the provider must turn it into a folder.
+    assert dashboard["metadata"]["annotations"][sidecar["folderAnnotation"]] == "Chorus"
+    assert sidecar["provider"]["foldersFromFilesStructure"] is True
