@@ -85,3 +85,28 @@ def test_kind_dashboard_lands_in_the_folder_it_asks_for() -> None:
     # The sidecar reads the folder from this annotation; the provider must turn it into a folder.
     assert dashboard["metadata"]["annotations"][sidecar["folderAnnotation"]] == "Chorus"
     assert sidecar["provider"]["foldersFromFilesStructure"] is True
+
+
+@pytest.mark.parametrize("namespace", ["chorus", "chat-e2e"])
+def test_kind_route_attaches_to_the_gateway_in_the_release_namespace(namespace: str) -> None:
+    """kind.sh puts the Gateway into CHORUS_NAMESPACE; the route must look for it there."""
+    (route,) = [o for o in _kind_render(namespace) if o["kind"] == "HTTPRoute"]
+    gateway = yaml.safe_load((ROOT / "k8s" / "overlays" / "kind" / "gateway.yaml").read_text())
+    assert "namespace" not in gateway["metadata"], "kind.sh applies it with --namespace"
+    for ref in route["spec"]["parentRefs"]:
+        assert ref["name"] == gateway["metadata"]["name"]
+        assert ref.get("namespace", route["metadata"]["namespace"]) == namespace
+
+
+def test_kind_scripts_follow_namespace_and_release() -> None:
+    script = (KIND / "kind.sh").read_text()
+    assert (
+        'NAMESPACE="${CHORUS_NAMESPACE:-chorus}"' in script
+        and 'RELEASE="${CHORUS_RELEASE:-chorus}"' in script
+    )
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "kind-e2e.yml").read_text())
+    (job,) = workflow["jobs"].values()
+    assert {"CHORUS_NAMESPACE", "CHORUS_RELEASE"} <= set(job["env"])
+    scripts = "\n".join(step.get("run", "") for step in job["steps"])
+    for hard_coded in ["--namespace chorus", "-n chorus", "deployment/chorus", "instance=chorus"]:
+        assert hard_coded not in scripts, hard_coded
