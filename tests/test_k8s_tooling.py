@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +112,36 @@ def test_kind_scripts_follow_namespace_and_release() -> None:
     scripts = "\n".join(step.get("run", "") for step in job["steps"])
     for hard_coded in ["--namespace chorus", "-n chorus", "deployment/chorus", "instance=chorus"]:
         assert hard_coded not in scripts, hard_coded
+
+
+def test_kind_job_installs_only_what_it_needs() -> None:
+    """Debian's prometheus would hold :9090, which kind maps; chromium is no Ubuntu package."""
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "kind-e2e.yml").read_text())
+    (job,) = workflow["jobs"].values()
+    scripts = "\n".join(step.get("run", "") for step in job["steps"])
+    assert "system-deps" not in scripts
+    for package in ["prometheus", "chromium", "haproxy", "redis-server"]:
+        assert package not in scripts, package
+    host_ports = {
+        m["hostPort"]
+        for n in yaml.safe_load((KIND / "cluster.yaml").read_text())["nodes"]
+        for m in n.get("extraPortMappings", [])
+    }
+    assert 9090 in host_ports, "the port a host Prometheus would take"
+
+
+def test_kind_node_image_is_pinned_within_kubectl_skew() -> None:
+    client = json.loads(run([tool("kubectl"), "version", "--client", "-o", "json"]).stdout)["clientVersion"]
+    kubectl_minor = int(client["minor"].rstrip("+"))
+    nodes = yaml.safe_load((KIND / "cluster.yaml").read_text())["nodes"]
+    images = {node.get("image") for node in nodes}
+    assert len(images) == 1, "every node runs the same pinned image"
+    (image,) = images
+    match = re.fullmatch(r"kindest/node:v1\.(\d+)\.\d+@sha256:[0-9a-f]{64}", str(image))
+    assert match, f"pin the node image by version and digest: {image}"
+    assert abs(int(match.group(1)) - kubectl_minor) <= 1, "kubectl supports one minor of skew"
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "kind-e2e.yml").read_text())
+    (job,) = workflow["jobs"].values()
+    (kind_step,) = [s for s in job["steps"] if str(s.get("uses", "")).startswith("helm/kind-action@")]
+    assert kind_step["with"]["config"] == "k8s/kind/cluster.yaml"
+    assert kind_step["with"]["kubectl_version"].startswith(f"v1.{kubectl_minor}.")
