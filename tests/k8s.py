@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ def chorus_deployment(objects: list[dict[str, Any]]) -> dict[str, Any]:
     return find(objects, "Deployment", RELEASE)
 
 
-def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+def selects(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
     """Whether a Kubernetes LabelSelector (matchLabels AND matchExpressions) matches `labels`.
 
     An empty selector matches everything; a null one (None) matches nothing, as in the API.

@@ -23,8 +23,9 @@ CHECK = ROOT / "k8s" / "tools" / "release_check.py"
 OWNER = "chorus-chat"
 
 
-def _workflow() -> dict[str, Any]:
-    return yaml.safe_load(WORKFLOW.read_text())
+def _workflow() -> dict[Any, Any]:
+    workflow: dict[Any, Any] = yaml.safe_load(WORKFLOW.read_text())
+    return workflow
 
 
 def _steps() -> list[dict[str, Any]]:

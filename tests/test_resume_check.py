@@ -15,6 +15,7 @@ import re
 import sys
 from http import HTTPStatus
 from types import ModuleType
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
@@ -104,7 +105,8 @@ class FakeRoom:
         return None
 
     async def handler(self, ws: ServerConnection) -> None:
-        query = dict(p.split("=", 1) for p in ws.request.path.split("?", 1)[1].split("&"))
+        assert ws.request is not None
+        query = dict(parse_qsl(urlsplit(ws.request.path).query))
         await ws.send(json.dumps({"type": "welcome"}))
         if query["username"] == "receiver":
             since = query.get("since")

@@ -45,7 +45,7 @@ class Backoff:
     rng: random.Random = field(default_factory=random.Random)
 
     def next_delay(self, retry_after: float | None = None) -> float:
-        delay = min(self.cap, self.base * 2**self.attempt) * self.rng.uniform(0.5, 1.0)
+        delay = min(self.cap, self.base * 2.0**self.attempt) * self.rng.uniform(0.5, 1.0)
         self.attempt += 1
         # The server's Retry-After wins when it asks for longer (never beyond the cap).
         return max(delay, min(retry_after, self.cap)) if retry_after is not None else delay
