@@ -57,7 +57,8 @@ up() {
 deploy() {
   require docker kind helm kubectl
   log "building $IMAGE"
-  docker build --tag "$IMAGE" "$ROOT"
+  # The one way the image is built (make image); kind loads from docker, so docker builds it.
+  make -C "$ROOT" --no-print-directory image IMAGE="$IMAGE" CONTAINER_ENGINE=docker
   log "loading $IMAGE into kind"
   kind load docker-image "$IMAGE" --name "$CLUSTER"
   kubectl --context "$CONTEXT" create namespace "$NAMESPACE" --dry-run=client -o yaml \
