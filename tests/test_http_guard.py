@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httptools
 import pytest
@@ -16,6 +17,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from chorus import metrics
+from chorus.config import Settings
 from chorus.devcluster import LocalCluster, http_status
 from chorus.httpguard import PINNED_UVICORN, UVICORN_INTERNALS
 
@@ -318,3 +320,29 @@ def test_gunicorn_workers_use_the_guarded_protocol(make_cluster: Callable[..., L
     trickle.sendall(b"G")
     assert read_until_closed(trickle, 15) == b""
     trickle.close()
+
+
+def test_front_door_settings_and_reasons_are_documented() -> None:
+    """The README's settings table and docs/security.md name what the code defines."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    security = (root / "docs" / "security.md").read_text()
+    defaults = Settings.model_fields
+    for field in (
+        "handshake_timeout_seconds",
+        "keep_alive_timeout_seconds",
+        "max_pending_connections",
+        "max_url_bytes",
+        "max_header_bytes",
+    ):
+        default = defaults[field].default
+        row = f"| `CHORUS_{field.upper()}` | {default:g} |"
+        assert row in readme, f"README settings table: no row {row!r}"
+        assert f"| `CHORUS_{field.upper()}` | {default:g} |" in security
+    for reason in (
+        metrics.REJECT_HEAD_TIMEOUT,
+        metrics.REJECT_TOO_MANY_PENDING,
+        metrics.REJECT_URL_TOO_LONG,
+        metrics.REJECT_HEADERS_TOO_LARGE,
+    ):
+        assert f"`{reason}`" in security, f"docs/security.md does not list the rejection reason {reason}"
