@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import select
 import socket
@@ -17,9 +18,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from chorus import metrics
-from chorus.config import Settings
+from chorus.config import Settings, SettingsError, load_settings
 from chorus.devcluster import LocalCluster, http_status
-from chorus.httpguard import PINNED_UVICORN, UVICORN_INTERNALS
+from chorus.httpguard import PINNED_UVICORN, UVICORN_INTERNALS, GuardedHttpProtocol, HeadLimits, guarded_http
+from chorus.server import server_options
 
 LIVEZ = b"GET /livez HTTP/1.1\r\nHost: chorus\r\n\r\n"
 
@@ -110,9 +112,13 @@ def test_uvicorn_internals_httpguard_relies_on_are_there() -> None:
         pass
 
     config = uvicorn.Config(app, http="httptools", lifespan="off", log_config=None)
-    protocol = HttpToolsProtocol(config, ServerState(), {}, _loop=None)
-    protocol.on_message_begin()  # sets `url`
-    missing = [name for name in UVICORN_INTERNALS if not hasattr(protocol, name)]
+    loop = asyncio.new_event_loop()
+    try:
+        protocol = HttpToolsProtocol(config, ServerState(), {}, _loop=loop)
+        protocol.on_message_begin()  # sets `url`
+        missing = [name for name in UVICORN_INTERNALS if not hasattr(protocol, name)]
+    finally:
+        loop.close()
     assert not missing, f"uvicorn's HttpToolsProtocol no longer has {missing}"
 
     # A callback's exception reaches data_received as the context of HttpParserCallbackError.
@@ -123,6 +129,80 @@ def test_uvicorn_internals_httpguard_relies_on_are_there() -> None:
     with pytest.raises(httptools.HttpParserCallbackError) as info:
         httptools.HttpRequestParser(Refuse()).feed_data(b"GET /x HTTP/1.1\r\n")
     assert isinstance(info.value.__context__, LookupError)
+
+
+class FakeTransport(asyncio.Transport):
+    """Records what the protocol writes and whether it closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = self.eof = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def in_process(limits: HeadLimits) -> Callable[[], tuple[GuardedHttpProtocol, FakeTransport]]:
+    async def app(scope: object, receive: object, send: object) -> None:
+        pass
+
+    config = uvicorn.Config(app, lifespan="off", log_config=None)
+    protocol_class = guarded_http(limits)
+    state = ServerState()
+
+    def connect() -> tuple[GuardedHttpProtocol, FakeTransport]:
+        protocol, transport = protocol_class(config, state, {}), FakeTransport()
+        protocol.connection_made(transport)
+        return protocol, transport
+
+    return connect
+
+
+@pytest.mark.anyio
+async def test_head_caps_in_process() -> None:
+    connect = in_process(
+        HeadLimits(head_timeout=60, max_pending=4, max_url_bytes=1024, max_header_bytes=4096)
+    )
+    # 64 KiB of target in small reads: refused once past 1 KiB; the target is never built further.
+    protocol, transport = connect()
+    protocol.data_received(b"GET /ws/lobby?token=")
+    for _ in range(1024):
+        protocol.data_received(b"a" * 64)
+    assert transport.written.startswith(b"HTTP/1.1 414 ") and transport.eof
+    assert len(protocol.url) <= 1024
+    # One header value in small reads (httptools holds it until its CRLF): counted per read.
+    protocol, transport = connect()
+    protocol.data_received(b"GET / HTTP/1.1\r\nX-Big: ")
+    for _ in range(1024):
+        protocol.data_received(b"b" * 64)
+    assert transport.written.startswith(b"HTTP/1.1 431 ")
+    # A fifth connection waiting for a head closes the one that waited longest.
+    waiting = [connect() for _ in range(5)]
+    assert [transport.closed for _, transport in waiting] == [True, False, False, False, False]
+    for protocol, _ in waiting:
+        protocol.connection_lost(None)
 
 
 def test_every_keep_alive_request_has_a_head_deadline(make_cluster: Callable[..., LocalCluster]) -> None:
@@ -346,3 +426,14 @@ def test_front_door_settings_and_reasons_are_documented() -> None:
         metrics.REJECT_HEADERS_TOO_LARGE,
     ):
         assert f"`{reason}`" in security, f"docs/security.md does not list the rejection reason {reason}"
+
+
+def test_front_door_settings_refuse_unsafe_values() -> None:
+    with pytest.raises(SettingsError, match="CHORUS_MAX_URL_BYTES"):
+        load_settings(max_url_bytes=70_000)  # httptools' URL parser truncates at 64 KiB
+    with pytest.raises(SettingsError, match="CHORUS_MAX_PENDING_CONNECTIONS"):
+        load_settings(max_pending_connections=0)
+    with pytest.raises(SettingsError, match="CHORUS_MAX_HEADER_BYTES"):
+        load_settings(max_header_bytes=100)  # not even a browser's ordinary headers
+    short = load_settings(handshake_timeout_seconds=2, keep_alive_timeout_seconds=5)
+    assert server_options(short)["timeout_keep_alive"] == 2, "the head deadline bounds an idle socket too"
