@@ -81,6 +81,13 @@ DROP_BROKER_UNAVAILABLE: Final = "broker_unavailable"
 DROP_UNDECODABLE: Final = "undecodable"
 DROP_RATE_LIMITED: Final = "rate_limited"
 
+# Rejection reasons of the HTTP front door (chorus.httpguard). The handshake's own reasons are
+# written where they are raised (security.py, session.py); all are listed in docs/security.md.
+REJECT_HEAD_TIMEOUT: Final = "head_timeout"
+REJECT_TOO_MANY_PENDING: Final = "too_many_pending"
+REJECT_URL_TOO_LONG: Final = "url_too_long"
+REJECT_HEADERS_TOO_LARGE: Final = "headers_too_large"
+
 
 def render() -> tuple[bytes, str]:
     """The exposition for /metrics, merged over every worker when several run."""
