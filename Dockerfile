@@ -1,7 +1,11 @@
 # syntax=docker/dockerfile:1
-# Chorus image: wheels built in a builder stage, a slim non-root runtime that works with a
-# read-only root filesystem (writable: /tmp and the Prometheus multiprocess dir, both emptyDir
-# mounts in the Helm chart).
+# Chorus image: dependencies and a wheel built in a builder stage, a slim non-root runtime that
+# works with a read-only root filesystem (writable: /tmp and the Prometheus multiprocess dir,
+# both emptyDir mounts in the Helm chart).
+#
+# Right by construction: the dependency layer is installed from pyproject.toml's list (no
+# placeholder package, no setuptools build/ left in the tree), and Chorus itself is installed
+# from a wheel built from the real sources, so nothing of an earlier step can shadow them.
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
@@ -13,11 +17,16 @@ RUN python -m venv /opt/chorus
 WORKDIR /src
 # Dependencies first: this layer is reused while only the source changes.
 COPY pyproject.toml README.md ./
-RUN mkdir -p service/chorus && touch service/chorus/__init__.py \
-    && /opt/chorus/bin/pip install . \
-    && /opt/chorus/bin/pip uninstall -y chorus
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && /opt/chorus/bin/pip install -r /tmp/requirements.txt
 COPY service ./service
-RUN /opt/chorus/bin/pip install --no-deps . \
+# Chorus from a wheel of the real sources; the import check fails the build, not the pod, if the
+# installed package is not the one just built; pip and setuptools stay in this stage.
+RUN /opt/chorus/bin/pip wheel --no-deps --wheel-dir /tmp/wheels . \
+    && /opt/chorus/bin/pip install --no-deps /tmp/wheels/chorus-*.whl \
+    && cd / && /opt/chorus/bin/python -c "import chorus.app, chorus.cli; print('chorus', chorus.__version__)" \
+    && /opt/chorus/bin/python -m pip uninstall -y -q pip setuptools \
     && /opt/chorus/bin/python -m compileall -q /opt/chorus
 
 FROM ${PYTHON_IMAGE} AS runtime

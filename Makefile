@@ -7,7 +7,7 @@ PORT ?= 8000
 REPLICAS ?= 3
 PYTEST_ARGS ?=
 # OS packages the test suite starts for real (Debian/Ubuntu names).
-APT_PACKAGES ?= redis-server haproxy prometheus chromium shellcheck
+APT_PACKAGES ?= redis-server haproxy prometheus chromium shellcheck podman runc debootstrap
 
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -63,6 +63,25 @@ LOADTEST_ARGS ?=
 loadtest: system-deps test-deps ## Locust for LOADTEST_TIME s against a local cluster (or LOADTEST_URL); SLO verdict + report in results/
 	$(BIN)/python -m loadtest --users $(LOADTEST_USERS) --run-time $(LOADTEST_TIME) --replicas $(REPLICAS) \
 		$(if $(LOADTEST_URL),--url $(LOADTEST_URL)) $(LOADTEST_ARGS)
+
+##@ Container image
+
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# docker when its daemon answers, else podman (a docker client alone cannot build).
+CONTAINER_ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || command -v podman 2>/dev/null)
+IMAGE ?= localhost/chorus:$(VERSION)
+# Base image for both stages; empty keeps the Dockerfile's python:3.11 slim.
+PYTHON_IMAGE ?=
+IMAGE_BUILD_ARGS ?=
+
+.PHONY: image
+image: ## Build the image (IMAGE) with docker or podman; PYTHON_IMAGE=... builds on another base
+	@test -n "$(CONTAINER_ENGINE)" || { echo "make image: no docker or podman on PATH (set CONTAINER_ENGINE)"; exit 1; }
+	$(CONTAINER_ENGINE) build $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) $(IMAGE_BUILD_ARGS) --tag $(IMAGE) .
+
+.PHONY: image-base
+image-base: ## Build a Python base from Debian with debootstrap (root), for machines with no registry
+	@CONTAINER_ENGINE=$(CONTAINER_ENGINE) bash k8s/tools/debian-base.sh
 
 ##@ Kubernetes
 

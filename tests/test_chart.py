@@ -7,7 +7,10 @@ objects (ServiceMonitor, PrometheusRule, HTTPRoute) by their own fields.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +20,19 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from k8s import CHART, CI_VALUES, NAMESPACE, RELEASE, chorus_deployment, find, render, render_text, run, tool
+from k8s import (
+    CHART,
+    CI_VALUES,
+    NAMESPACE,
+    RELEASE,
+    chorus_deployment,
+    find,
+    render,
+    render_text,
+    run,
+    selects,
+    tool,
+)
 
 # Two recent minors (and the oldest the chart's kubeVersion promises to keep working on).
 KUBERNETES_VERSIONS = ["1.33.0", "1.35.0"]
@@ -255,3 +270,150 @@ def test_chart_readme_lists_every_documented_value() -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_helm_test_pod_is_selected_by_nothing_of_the_chart(values: Path) -> None:
+    """The smoke pod takes no chat traffic, blocks no drain and is held to no chat pod's policy."""
+    objects = render(values)
+    smoke = find(objects, "Pod", f"{RELEASE}-smoke")["metadata"]["labels"]
+    deployment = chorus_deployment(objects)
+    chat = deployment["spec"]["template"]["metadata"]["labels"]
+    selectors = {
+        "Deployment": deployment["spec"]["selector"],
+        "Service": {"matchLabels": find(objects, "Service", RELEASE)["spec"]["selector"]},
+    }
+    for obj in objects:
+        if obj["kind"] == "PodDisruptionBudget":
+            selectors[f"PodDisruptionBudget/{obj['metadata']['name']}"] = obj["spec"]["selector"]
+        if obj["kind"] == "NetworkPolicy" and obj["metadata"]["name"] == RELEASE:
+            selectors["NetworkPolicy"] = obj["spec"]["podSelector"]
+    for name, selector in selectors.items():
+        assert selects(selector, chat), f"{name} must select the chat pods"
+        assert not selects(selector, smoke), f"{name} selects the helm test pod"
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
+        # Only its own policy (egress to the chat port and DNS) selects the helm test pod.
+        own = policy["metadata"]["name"] == f"{RELEASE}-test"
+        assert selects(policy["spec"]["podSelector"], smoke) == own, policy["metadata"]["name"]
+    assert any(name.startswith("PodDisruptionBudget") for name in selectors), (
+        "every ci values file keeps the PDB"
+    )
+
+
+def _render_fresh(chart: Path = CHART, sets: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """One `helm template` run, never cached: each run draws its own random values."""
+    argv = [tool("helm"), "template", RELEASE, str(chart), "--namespace", NAMESPACE]
+    for item in sets:
+        argv += ["--set", item]
+    result = run(argv)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def _redis_password_and_checksums(objects: list[dict[str, Any]]) -> tuple[str, dict[str, str]]:
+    secret = find(objects, "Secret", f"{RELEASE}-redis")
+    password = base64.b64decode(secret["data"]["redis-password"]).decode()
+    checksums = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+        for d in objects
+        if d["kind"] == "Deployment"
+    }
+    assert set(checksums) == {RELEASE, f"{RELEASE}-redis"}
+    return password, checksums
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_generated_redis_password_is_drawn_once_and_only_it_is_hashed() -> None:
+    passwords = set()
+    for _ in range(2):
+        password, checksums = _redis_password_and_checksums(_render_fresh())
+        assert len(password) == 32
+        # Both Deployments hash the very password the Secret holds, not a second random draw.
+        assert set(checksums.values()) == {_sha256(password)}
+        passwords.add(password)
+    assert len(passwords) == 2, "without a live Secret (helm template has no lookup) each install draws anew"
+
+
+def test_upgrade_keeps_the_live_redis_password_and_restarts_nothing(tmp_path: Path) -> None:
+    """`lookup` stubbed with a live Secret: the checksums stay put across renders and config changes."""
+    chart = tmp_path / "chorus"
+    shutil.copytree(CHART, chart)
+    helpers = chart / "templates" / "_helpers.tpl"
+    call = 'lookup "v1" "Secret" .Release.Namespace (include "chorus.redis.fullname" .)'
+    text = helpers.read_text()
+    assert text.count(call) == 1, "the Secret lookup moved: update this stub"
+    live = "live-password-from-the-cluster"
+    helpers.write_text(text.replace(call, f'dict "data" (dict "redis-password" ("{live}" | b64enc))'))
+    renders = [_render_fresh(chart), _render_fresh(chart), _render_fresh(chart, ("config.logLevel=debug",))]
+    for objects in renders:
+        password, checksums = _redis_password_and_checksums(objects)
+        assert password == live
+        assert set(checksums.values()) == {_sha256(live)}
+    # A chat setting changes only the chat pods' config checksum; Redis (and its data) stays.
+    redis = [find(o, "Deployment", f"{RELEASE}-redis")["spec"]["template"] for o in renders]
+    assert redis[0] == redis[1] == redis[2]
+    annotations = [chorus_deployment(o)["spec"]["template"]["metadata"]["annotations"] for o in renders]
+    assert annotations[0] == annotations[1]
+    assert annotations[2]["checksum/config"] != annotations[0]["checksum/config"]
+
+
+def test_given_redis_password_is_the_one_hashed() -> None:
+    password, checksums = _redis_password_and_checksums(_render_fresh(sets=("redis.auth.password=given-pw",)))
+    assert password == "given-pw"
+    assert set(checksums.values()) == {_sha256("given-pw")}
+
+
+@pytest.mark.parametrize("drain", [10, 30])
+def test_rollouts_lose_no_capacity(drain: int) -> None:
+    objects = render(None, (f"config.drainSeconds={drain}",))
+    spec = chorus_deployment(objects)["spec"]
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    rolling = spec["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0, "a rollout must never drop below the desired replicas"
+    assert int(str(rolling["maxSurge"]).rstrip("%")) >= 1
+    assert spec["minReadySeconds"] >= 1
+    assert float(find(objects, "ConfigMap", RELEASE)["data"]["CHORUS_DRAIN_SECONDS"]) == drain
+    # The grace period follows the drain window: derived in the template, not kept by hand.
+    base = chorus_deployment(render())["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace - base == drain - 10
+    pause = int(_container(objects)["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert grace >= pause + drain + 10 + 1
+
+
+def test_schema_keeps_rollouts_surging() -> None:
+    for bad in ["rollingUpdate.maxSurge=0", "minReadySeconds=-1", "rollingUpdate.extra=1"]:
+        result = run([tool("helm"), "template", RELEASE, str(CHART), "--set", bad])
+        assert result.returncode != 0, bad
+
+
+def _allowed_hosts(objects: list[dict[str, Any]]) -> list[str] | None:
+    value = find(objects, "ConfigMap", RELEASE)["data"].get("CHORUS_ALLOWED_HOSTS")
+    return None if value is None else value.split(",")
+
+
+def test_allowed_hosts_follow_ingress_route_and_service() -> None:
+    in_cluster = [
+        RELEASE,
+        f"{RELEASE}.{NAMESPACE}",
+        f"{RELEASE}.{NAMESPACE}.svc",
+        f"{RELEASE}.{NAMESPACE}.svc.cluster.local",
+    ]
+    assert _allowed_hosts(render()) is None, "nothing named: any Host, as the service defaults"
+    ingress = _allowed_hosts(render(CHART / "ci" / "ingress-values.yaml"))
+    assert ingress == ["chat.example.com", *in_cluster]
+    route = render(CHART / "ci" / "httproute-values.yaml", ("config.allowedHosts={extra.example.com}",))
+    assert _allowed_hosts(route) == ["chat.example.com", "extra.example.com", *in_cluster]
+    assert _allowed_hosts(render(None, ("config.allowedHosts={a.example.com}",))) == [
+        "a.example.com",
+        *in_cluster,
+    ]
+    # The helm test pod reaches the Service by its short name, which must be on the list.
+    smoke = find(render(CHART / "ci" / "ingress-values.yaml"), "Pod", f"{RELEASE}-smoke")
+    url = smoke["spec"]["containers"][0]["args"][2]
+    assert url.removeprefix("ws://").split(":")[0] in ingress
+    bad = run([tool("helm"), "template", RELEASE, str(CHART), "--set", "config.allowedHosts={a.com b.com}"])
+    assert bad.returncode != 0

@@ -1,4 +1,4 @@
-"""The Dockerfile, checked statically (no Docker engine here; the kind workflow builds it)."""
+"""The Dockerfile's text: pinned base, non-root, the chart's command (test_image.py builds and runs it)."""
 
 from __future__ import annotations
 

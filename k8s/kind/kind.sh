@@ -3,6 +3,7 @@
 #   up      create the cluster, install Gateway API CRDs, Traefik and kube-prometheus-stack
 #   deploy  build the image, `kind load` it, `helm upgrade --install` Chorus
 #   test    `helm test` (cross-replica smoke) and a short load run through the Gateway
+#   roll    rolling restart of the chat Deployment, waiting until it is done
 #   down    delete the cluster
 # Needs docker and kind on PATH; helm and kubectl come from `make k8s-tools` when missing.
 set -euo pipefail
@@ -20,6 +21,8 @@ GATEWAY_URL="http://127.0.0.1:8080"
 
 export PATH="$ROOT/.tools/bin:$PATH"
 CONTEXT="kind-$CLUSTER"
+# The chat Deployment by its labels: its name is the release's only when that contains "chorus".
+CHAT_PODS="app.kubernetes.io/instance=$RELEASE,app.kubernetes.io/component=server"
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
@@ -54,7 +57,8 @@ up() {
 deploy() {
   require docker kind helm kubectl
   log "building $IMAGE"
-  docker build --tag "$IMAGE" "$ROOT"
+  # The one way the image is built (make image); kind loads from docker, so docker builds it.
+  make -C "$ROOT" --no-print-directory image IMAGE="$IMAGE" CONTAINER_ENGINE=docker
   log "loading $IMAGE into kind"
   kind load docker-image "$IMAGE" --name "$CLUSTER"
   kubectl --context "$CONTEXT" create namespace "$NAMESPACE" --dry-run=client -o yaml \
@@ -67,9 +71,15 @@ deploy() {
     --namespace "$NAMESPACE" --values "$HERE/chorus-values.yaml" \
     --set image.repository="${IMAGE%:*}" --set image.tag="${IMAGE##*:}" --wait --timeout 5m
   # A new image under the same tag needs new pods.
-  kubectl --context "$CONTEXT" --namespace "$NAMESPACE" rollout restart "deployment/$RELEASE"
-  kubectl --context "$CONTEXT" --namespace "$NAMESPACE" rollout status "deployment/$RELEASE" --timeout 5m
+  roll
   urls
+}
+
+roll() {
+  require kubectl
+  log "rolling restart of release $RELEASE in $NAMESPACE"
+  kubectl --context "$CONTEXT" --namespace "$NAMESPACE" rollout restart deployment --selector "$CHAT_PODS"
+  kubectl --context "$CONTEXT" --namespace "$NAMESPACE" rollout status deployment --selector "$CHAT_PODS" --timeout 5m
 }
 
 run_test() {
@@ -100,7 +110,8 @@ case "${1:-}" in
   up) up ;;
   deploy) deploy ;;
   test) run_test ;;
+  roll) roll ;;
   urls) urls ;;
   down) down ;;
-  *) echo "usage: $0 up|deploy|test|urls|down" >&2; exit 2 ;;
+  *) echo "usage: $0 up|deploy|test|roll|urls|down" >&2; exit 2 ;;
 esac

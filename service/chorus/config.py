@@ -76,8 +76,19 @@ class Settings(BaseSettings):
     connection_lease_seconds: float = Field(30.0, ge=1, le=3600)
     ping_interval_seconds: float = Field(20.0, gt=0, le=3600)
     ping_timeout_seconds: float = Field(20.0, gt=0, le=3600)
-    # -- A connection that has not sent its whole HTTP request head by then is closed.
+    # -- Deadline for each HTTP request head, from the connection's start or the end of the
+    # previous response on a keep-alive connection; bytes that do not complete it buy no time.
     handshake_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    # -- An idle keep-alive connection (no request begun) is closed after this long; the head
+    # deadline runs while it idles too, so the shorter of the two applies.
+    keep_alive_timeout_seconds: float = Field(5.0, gt=0, le=600)
+    # -- Connections per process waiting for a request head; a new one beyond closes the oldest.
+    max_pending_connections: int = Field(256, ge=1, le=100_000)
+    # -- Longest request target (path and query) in bytes; 414 beyond. httptools' URL parser
+    # stores offsets in 16 bits, so targets of 64 KiB or more could never be read right.
+    max_url_bytes: int = Field(8192, ge=1024, le=65_535)
+    # -- Most bytes of request head besides the target (method, version, header lines); 431 beyond.
+    max_header_bytes: int = Field(16384, ge=4096, le=1_048_576)
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

@@ -86,6 +86,11 @@ REJECT_BINARY: Final = "binary"
 REJECT_FLOOD: Final = "flood"
 REJECT_INVALID_UTF8: Final = "invalid_utf8"
 REJECT_FRAME_TOO_LARGE: Final = "frame_too_large"
+# ... and those of the HTTP front door (chorus.httpguard). All are listed in docs/security.md.
+REJECT_HEAD_TIMEOUT: Final = "head_timeout"
+REJECT_TOO_MANY_PENDING: Final = "too_many_pending"
+REJECT_URL_TOO_LONG: Final = "url_too_long"
+REJECT_HEADERS_TOO_LARGE: Final = "headers_too_large"
 
 # Drop reasons (bounded label values).
 DROP_SLOW_CONSUMER: Final = "slow_consumer"

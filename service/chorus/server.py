@@ -16,10 +16,10 @@ from types import FrameType
 from typing import Any, ClassVar
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
 from .config import Settings
+from .httpguard import HeadLimits, guarded_http
 
 log = logging.getLogger("chorus.server")
 
@@ -37,50 +37,20 @@ UVICORN_OPTIONS: dict[str, Any] = {
 }
 
 
-class GuardedHttpProtocol(HttpToolsProtocol):
-    """httptools protocol that drops a connection whose request head does not arrive in time.
-
-    uvicorn has no such deadline for a new connection, so a client that opens a socket and
-    trickles bytes (or nothing) would hold it forever.
-    """
-
-    head_timeout: ClassVar[float] = 10.0
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(
-            self.head_timeout, self._head_timed_out
-        )
-
-    def on_headers_complete(self) -> None:
-        self._cancel_head_timer()
-        super().on_headers_complete()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_head_timer()
-        super().connection_lost(exc)
-
-    def _cancel_head_timer(self) -> None:
-        timer = getattr(self, "_head_timer", None)
-        if timer is not None:
-            timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if not self.transport.is_closing():
-            self.logger.info("closing a connection that sent no complete request in %.0fs", self.head_timeout)
-            self.transport.close()
-
-
-def guarded_http(timeout: float) -> type[GuardedHttpProtocol]:
-    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"head_timeout": timeout})
-
-
 def server_options(settings: Settings) -> dict[str, Any]:
     """uvicorn settings that come from Chorus settings."""
+    limits = HeadLimits(
+        head_timeout=settings.handshake_timeout_seconds,
+        max_pending=settings.max_pending_connections,
+        max_url_bytes=settings.max_url_bytes,
+        max_header_bytes=settings.max_header_bytes,
+    )
     return {
-        "http": guarded_http(settings.handshake_timeout_seconds),
+        # The guarded protocol under uvicorn and under every gunicorn worker (ChorusWorker).
+        "http": guarded_http(limits),
+        # uvicorn arms this when a response ends; any byte cancels it, and the head deadline
+        # (which keeps running) takes over. gunicorn's `keepalive` is overridden by this.
+        "timeout_keep_alive": min(settings.keep_alive_timeout_seconds, settings.handshake_timeout_seconds),
         "ws_max_size": settings.max_frame_bytes,
         "ws_ping_interval": settings.ping_interval_seconds,
         "ws_ping_timeout": settings.ping_timeout_seconds,

@@ -35,6 +35,26 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: chorus
 {{- end }}
 
+{{/*
+Labels of the `helm test` pod. Its name is `<chart>-test`, not the chart name, so the selector
+pair (name + instance) of the Service, PodDisruptionBudget and NetworkPolicy never matches it:
+matched, it would take chat traffic, block node drains (a pod without a controller) and be
+held to the chat pods' egress rules.
+*/}}
+{{- define "chorus.testSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "chorus.name" . }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: smoke-test
+{{- end }}
+
+{{- define "chorus.testLabels" -}}
+helm.sh/chart: {{ include "chorus.chart" . }}
+{{ include "chorus.testSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: chorus
+{{- end }}
+
 {{- define "chorus.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "chorus.fullname" .) .Values.serviceAccount.name }}
@@ -83,6 +103,45 @@ app.kubernetes.io/part-of: chorus
 {{- default (include "chorus.redis.fullname" .) .Values.redis.auth.existingSecret }}
 {{- end }}
 
+{{/*
+The bundled Redis's password, decided once per render: the value, else the live Secret's
+(`lookup`, so upgrades keep it), else a random one. The result is kept in .Values (one map for
+the whole render), because each `include` re-runs the template: a randAlphaNum per include made
+the Secret and the checksums disagree, and every upgrade restarted Redis (an emptyDir: all
+history lost). Empty when the password lives in `redis.auth.existingSecret`.
+*/}}
+{{- define "chorus.redis.password" -}}
+{{- $auth := .Values.redis.auth }}
+{{- if not (hasKey $auth "_resolved") }}
+{{- $password := $auth.password }}
+{{- if and .Values.redis.enabled (not $auth.existingSecret) (not $password) }}
+{{- $live := lookup "v1" "Secret" .Release.Namespace (include "chorus.redis.fullname" .) }}
+{{- $password = index ($live.data | default dict) "redis-password" | default "" | b64dec }}
+{{- $password = $password | default (randAlphaNum 32) }}
+{{- end }}
+{{- if $auth.existingSecret }}{{ $password = "" }}{{ end }}
+{{- $_ := set $auth "_resolved" $password }}
+{{- end }}
+{{- $auth._resolved }}
+{{- end }}
+
+{{/*
+What the chorus pods' checksum/secret hashes: only the secret values this chart owns (the
+Redis password, the JWT secret, the external Redis URL), one per line, never a whole template.
+*/}}
+{{- define "chorus.secretMaterial" -}}
+{{- $parts := list }}
+{{- if .Values.redis.enabled }}
+{{- $parts = append $parts (include "chorus.redis.password" .) }}
+{{- else if not .Values.externalRedis.existingSecret }}
+{{- $parts = append $parts (include "chorus.externalRedis.url" .) }}
+{{- end }}
+{{- if not .Values.auth.existingSecret }}
+{{- $parts = append $parts .Values.auth.jwtSecret }}
+{{- end }}
+{{- $parts | compact | join "\n" }}
+{{- end }}
+
 {{- define "chorus.redis.secretKey" -}}
 {{- if .Values.redis.auth.existingSecret }}{{ .Values.redis.auth.existingSecretKey }}{{ else }}redis-password{{ end }}
 {{- end }}
@@ -118,6 +177,28 @@ app.kubernetes.io/part-of: chorus
 
 {{- define "chorus.auth.enabled" -}}
 {{- if or .Values.auth.jwtSecret .Values.auth.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/*
+CHORUS_ALLOWED_HOSTS, comma separated, or empty (any Host) when neither the user nor an
+Ingress/HTTPRoute names a host. Once there is a list, the Service's in-cluster names join it so
+in-cluster clients (the `helm test` pod: ws://<fullname>:<port>) are not refused.
+*/}}
+{{- define "chorus.allowedHosts" -}}
+{{- $hosts := list }}
+{{- if .Values.ingress.enabled }}
+{{- range .Values.ingress.hosts }}{{ $hosts = append $hosts .host }}{{ end }}
+{{- end }}
+{{- if .Values.httpRoute.enabled }}
+{{- $hosts = concat $hosts (.Values.httpRoute.hostnames | default list) }}
+{{- end }}
+{{- $hosts = concat $hosts (.Values.config.allowedHosts | default list) }}
+{{- if $hosts }}
+{{- $svc := include "chorus.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- $hosts = concat $hosts (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns)) }}
+{{- $hosts | compact | uniq | join "," }}
+{{- end }}
 {{- end }}
 
 {{/* The kubelet's grace period: preStop pause + drain window + gunicorn's 10 s margin + ours. */}}
