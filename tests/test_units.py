@@ -140,11 +140,16 @@ def test_allowed_hosts_match_like_django() -> None:
     for host in ("", "example.com.evil.test", "notexample.com", "chorus.internal.evil", "[::2]", "::1"):
         assert not host_allowed(host, allowed), host
     assert host_allowed("anything:1", ["*"])
+    # As an Ingress or HTTPRoute wildcard means it (the chart copies their hosts): one label.
+    assert host_allowed("a.example.net:443", ["*.example.net"])
+    for host in ("example.net", "a.b.example.net", "aexample.net"):
+        assert not host_allowed(host, ["*.example.net"]), host
+    assert load_settings(allowed_hosts="*.Example.net").allowed_hosts == ["*.example.net"]
     assert load_settings(allowed_hosts=" Chat.Example.com., .example.org ").allowed_hosts == [
         "chat.example.com",
         ".example.org",
     ]
-    for bad in ("https://chat.example.com", "chat.example.com:443", "a..b", "/x"):
+    for bad in ("https://chat.example.com", "chat.example.com:443", "a..b", "/x", "*example.com", "a.*.b"):
         with pytest.raises(SettingsError, match=r"^CHORUS_ALLOWED_HOSTS: "):
             load_settings(allowed_hosts=bad)
 

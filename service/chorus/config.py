@@ -15,9 +15,10 @@ from .topology import Topology, parse_redis_url
 
 ENV_PREFIX = "CHORUS_"
 REDIS_SCHEMES = ("redis", "rediss")
-# An ALLOWED_HOSTS entry: a DNS name or IPv4 address (a leading dot: and its subdomains), or [IPv6].
+# An ALLOWED_HOSTS entry: a DNS name or IPv4 address, `.name` (it and its subdomains), `*.name`
+# (one label under it, as Ingress and HTTPRoute hosts mean it; the chart copies those), [IPv6].
 _LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
-_HOST_ENTRY = re.compile(rf"\.?{_LABEL}(\.{_LABEL})*|\[[0-9a-f:.]+\]")
+_HOST_ENTRY = re.compile(rf"(\.|\*\.)?{_LABEL}(\.{_LABEL})*|\[[0-9a-f:.]+\]")
 
 
 class SettingsError(ValueError):
@@ -62,7 +63,8 @@ class Settings(BaseSettings):
     # -- Origins allowed to open WebSockets; empty: the Host's own origin only. No Origin header: allowed.
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # -- Host header values served (WebSockets and /api/*), like Django's ALLOWED_HOSTS:
-    # `chat.example.com`, `.example.com` (it and its subdomains), `*`; port ignored. Empty: any.
+    # `chat.example.com`, `.example.com` (it and its subdomains), `*.example.com` (one label,
+    # as in an Ingress), `*`; port ignored. Empty: any.
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     rate_limit: float = Field(10.0, gt=0, le=10_000)
     rate_burst: int = Field(20, ge=1, le=100_000)

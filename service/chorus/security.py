@@ -81,7 +81,8 @@ def offered_subprotocols(headers: Headers) -> list[str]:
 
 
 def host_allowed(host: str, allowed: list[str]) -> bool:
-    """Django's ALLOWED_HOSTS match: exact, `.example.com` for it and its subdomains, `*`; port ignored."""
+    """Django's ALLOWED_HOSTS match (exact, `.example.com` for it and its subdomains, `*`), and
+    `*.example.com` for one label under it as an Ingress means it; the port is ignored."""
     host = host.strip().lower()
     if host.startswith("["):  # [IPv6]:port
         host = host[: host.find("]") + 1] if "]" in host else host
@@ -90,10 +91,18 @@ def host_allowed(host: str, allowed: list[str]) -> bool:
     host = host.removesuffix(".")
     if not host:
         return False
-    return any(
-        entry in ("*", host) or (entry.startswith(".") and (host.endswith(entry) or host == entry[1:]))
-        for entry in allowed
-    )
+    return any(_host_matches(host, entry) for entry in allowed)
+
+
+def _host_matches(host: str, entry: str) -> bool:
+    if entry in ("*", host):
+        return True
+    if entry.startswith("."):
+        return host.endswith(entry) or host == entry[1:]
+    if entry.startswith("*."):
+        label = host.removesuffix(entry[1:])
+        return label != host and bool(label) and "." not in label
+    return False
 
 
 class Gatekeeper:
