@@ -56,12 +56,12 @@ async def test_jwt_required_sub_is_the_name_rooms_claim_limits(
     cluster = make_cluster(1, env={"CHORUS_AUTH_JWT_SECRET": SECRET})
     base = cluster.replica_ws_url(0)
     commands_before = int(redis.cli("INFO", "stats").split("total_commands_processed:")[1].split()[0])
-    # 401: no token Chorus can verify; 403: a signed token that does not open this room.
+    # Every token problem refuses the handshake with 403 (the HTTP reads say 401 where it fits).
     bad = [
-        (f"{base}/ws/r", 401),  # no token
-        (f"{base}/ws/r?token=garbage", 401),
-        (f"{base}/ws/r?token={token(ttl=-60)}", 401),  # expired
-        (f"{base}/ws/r?token={token(key='another-secret-that-is-also-long-enough')}", 401),
+        (f"{base}/ws/r", 403),  # no token
+        (f"{base}/ws/r?token=garbage", 403),
+        (f"{base}/ws/r?token={token(ttl=-60)}", 403),  # expired
+        (f"{base}/ws/r?token={token(key='another-secret-that-is-also-long-enough')}", 403),
         (f"{base}/ws/r?token={jwt.encode({'sub': 'alice'}, SECRET, algorithm='HS256')}", 403),  # no exp
         (f"{base}/ws/secret?token={token(rooms=['r', 'team-*'])}", 403),
     ]
@@ -101,7 +101,7 @@ async def test_public_key_tokens(make_cluster: Callable[..., LocalCluster], tmp_
     chat = await Chat.join(cluster.replica_ws_url(0), "r", token=good)
     assert chat.welcome["user"] == "dora"
     await chat.close()
-    assert await refused(f"{cluster.replica_ws_url(0)}/ws/r?token={token('eve')}") == 401, (
+    assert await refused(f"{cluster.replica_ws_url(0)}/ws/r?token={token('eve')}") == 403, (
         "HS256 is not accepted here"
     )
 

@@ -78,9 +78,10 @@ async def serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> Non
         identity, subprotocol, history = _admit(websocket, room, runtime)
     except Rejection as rejection:
         metrics.REJECTIONS.labels(rejection.reason).inc()
-        await websocket.send_denial_response(
-            JSONResponse({"detail": rejection.detail}, status_code=rejection.status)
-        )
+        # The handshake's contract since the first release: any token problem is 403 (a
+        # WebSocket client has no credential challenge to answer); the HTTP reads say 401.
+        status = 403 if rejection.status == 401 else rejection.status
+        await websocket.send_denial_response(JSONResponse({"detail": rejection.detail}, status_code=status))
         return
     tag = runtime.next_tag()
     runtime.sockets += 1
