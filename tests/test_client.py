@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
@@ -197,6 +198,33 @@ async def test_rate_limited_sends_are_refused_typed_and_retryable(
     refused = [o for o in outcomes if isinstance(o, SendRejected)]
     assert sum(isinstance(o, Ack) for o in outcomes) >= 2
     assert refused and all(o.code == "rate_limited" and o.retryable for o in refused)
+
+
+async def test_tokens_go_in_the_subprotocol_are_fetched_per_handshake_and_expiry_is_final(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    secret = "a-test-secret-that-is-long-enough-for-hs256!"
+    cluster = make_cluster(1, env={"CHORUS_AUTH_JWT_SECRET": secret})
+    url = cluster.replica_ws_url(0)
+    minted: list[str] = []
+
+    async def fresh(ttl: float = 300) -> str:
+        minted.append(jwt.encode({"sub": "tess", "exp": int(time.time() + ttl)}, secret, algorithm="HS256"))
+        return minted[-1]
+
+    async with connect(url, "auth", token=fresh) as room:
+        assert room.user == "tess" and len(minted) == 1
+        await room.send("signed")
+    with pytest.raises(HandshakeRefused) as bad:
+        async with connect(url, "auth", token="not-a-jwt", reconnect=FAST):
+            pass
+    assert bad.value.status == 403 and "token" in bad.value.detail
+    # An expired token closes the socket with 1008: reconnecting cannot fix that, so the room ends.
+    async with connect(url, "auth", token=await fresh(ttl=2), history=0, reconnect=FAST) as short:
+        with pytest.raises(Disconnected) as ended:
+            await next_of(short, Message, timeout=15)
+    assert ended.value.code == 1008 and short.stats.connects == 1
+    assert "token=" not in cluster.replicas[0].output(), "the token stays out of the URL"
 
 
 async def test_chorus_smoke_crosses_two_replicas_with_the_client(
