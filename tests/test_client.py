@@ -250,6 +250,28 @@ async def test_chorus_smoke_crosses_two_replicas_with_the_client(
     assert "4 connections all landed on ['replica-0']" in failed.stderr
 
 
+async def test_the_kind_resume_check_passes_a_rolling_restart_of_the_local_cluster(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    """k8s/kind/resume_check.py, as the kind workflow runs it, while each replica is replaced."""
+    cluster = make_cluster(2)
+    check = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "k8s" / "kind" / "resume_check.py"), cluster.ws_url, "250", "0.03",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        for index in range(2):
+            await asyncio.to_thread(cluster.restart_replica, index)  # SIGTERM, drain, start, ready
+        output = (await asyncio.wait_for(check.communicate(), 90))[0].decode()
+    finally:
+        if check.returncode is None:
+            check.kill()
+            await check.wait()
+    assert check.returncode == 0, output
+    assert output.startswith("resume check: ok: 250 messages"), output
+    assert re.search(r"receiver: [1-9]\d* reconnects, [1-9]\d* resumes", output), output
+
+
 async def test_the_readme_bot_answers_in_a_room(make_cluster: Callable[..., LocalCluster]) -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### Python client") :]
