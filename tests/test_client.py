@@ -19,7 +19,7 @@ import jwt
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from chat import metric_value, metrics_text
+from chat import metric_value, metrics_text, poll
 from chorus.client import (
     FATAL_CLOSE_CODES,
     Ack,
@@ -28,6 +28,7 @@ from chorus.client import (
     Event,
     HandshakeRefused,
     Message,
+    NotConnected,
     Presence,
     Reconnect,
     Resync,
@@ -92,7 +93,7 @@ async def test_a_drained_replica_moves_the_client_to_another_with_no_loss_and_no
     make_cluster: Callable[..., LocalCluster],
 ) -> None:
     cluster = make_cluster(2)
-    total = 120
+    total = 150  # 3 s at the steady rate: longer than the 2 s drain window
     received: list[Message] = []
     async with connect(cluster.ws_url, "drain", username="reader", history=0, reconnect=FAST) as reader:
         assert reader.replica is not None
@@ -304,16 +305,16 @@ Script = Callable[[ServerConnection, int], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
-async def scripted(script: Script) -> AsyncIterator[str]:
-    """A WebSocket server that runs `script(ws, n)` for its n-th connection (from 0)."""
+async def scripted(script: Script, welcome: Callable[[int], bool] = lambda n: True) -> AsyncIterator[str]:
+    """A WebSocket server that welcomes its n-th connection (from 0), then runs `script(ws, n)`."""
     count = 0
 
     async def handler(ws: ServerConnection) -> None:
         nonlocal count
         count += 1
-        await ws.send(
-            json.dumps({"type": "welcome", "room": "r", "user": "u", "replica": f"s{count}", "online": 1})
-        )
+        if welcome(count - 1):
+            body = {"type": "welcome", "room": "r", "user": "u", "replica": f"s{count}", "online": 1}
+            await ws.send(json.dumps(body))
         await script(ws, count - 1)
 
     async with serve(handler, "127.0.0.1", 0) as server:
@@ -385,6 +386,34 @@ async def test_a_send_in_flight_when_the_socket_drops_is_unconfirmed_and_can_be_
         ack = await room.send("hello", client_id="h1")
         assert (ack.id, ack.client_id) == ("9-0", "h1")
         assert room.stats.reconnects == 1
+
+
+async def test_a_send_made_while_reconnecting_waits_for_the_next_socket_or_says_it_was_not_sent() -> None:
+    async def script(ws: ServerConnection, n: int) -> None:
+        if n == 0:
+            await ws.close(1012)
+            return
+        frame = json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "ack", "id": "7-0", "client_id": frame["client_id"]}))
+        await ws.wait_closed()
+
+    async with scripted(script) as url, connect(url, "r", reconnect=FAST) as room:
+        await poll(lambda: room.stats.close_codes[1012] == 1, 5, "the first socket to close")
+        ack = await room.send("after the move")
+        assert ack.id == "7-0" and room.stats.reconnects == 1
+
+    async def silent(ws: ServerConnection, n: int) -> None:
+        if n == 0:
+            await ws.close(1012)
+        await ws.wait_closed()
+
+    async with (
+        scripted(silent, welcome=lambda n: n == 0) as url,
+        connect(url, "r", reconnect=FAST, send_timeout=0.5) as room,
+    ):
+        await poll(lambda: room.stats.close_codes[1012] == 1, 5, "the first socket to close")
+        with pytest.raises(NotConnected):
+            await room.send("nobody there")
 
 
 async def test_a_refused_handshake_that_waiting_cannot_fix_is_not_retried() -> None:

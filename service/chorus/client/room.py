@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from ..protocol import CLIENT_ID_MAX, MAX_HISTORY, ROOM_RE, USERNAME_RE, StreamId
@@ -144,19 +145,20 @@ class Room:
             except TimeoutError:
                 raise NotConnected(f"not connected within {self._send_timeout}s: not sent") from None
             ws = self._ws
-            if ws is None:
-                continue  # welcomed, then closed before we got here: wait for the next socket
+            if ws is None or ws.state is not State.OPEN:
+                # Closing before anything was written: not sent. Wait for the next socket (the
+                # reader may not have seen this close yet, so do not wait on this one).
+                if ws is not None and self._ws is ws:
+                    self._live.clear()
+                continue
             future: asyncio.Future[Ack] = loop.create_future()
             self._pending[client_id] = future
             try:
                 try:
                     await ws.send(frame)
                 except ConnectionClosed:
-                    # Closed before the frame was written: not sent. Wait for the next socket
-                    # (the reader may not have seen this close yet, so do not wait on it).
-                    if self._ws is ws:
-                        self._live.clear()
-                    continue
+                    # The frame may have reached the transport before the connection was lost.
+                    raise SendUnconfirmed(client_id, "the socket closed while sending") from None
                 try:
                     return await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
                 except TimeoutError:
