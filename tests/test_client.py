@@ -459,6 +459,19 @@ def test_frames_parse_to_typed_events_and_unknown_ones_pass_through() -> None:
             raise AssertionError(presence)
 
 
+def test_the_client_offers_the_subprotocols_the_server_accepts_and_stays_light() -> None:
+    from chorus import security
+    from chorus.client import room
+
+    assert (room.SUBPROTOCOL, room.BEARER_PREFIX) == (security.SUBPROTOCOL, security.BEARER_PREFIX)
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, chorus.client; print(' '.join(sorted(sys.modules)))"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split()  # fmt: skip
+    heavy = {"fastapi", "redis", "prometheus_client", "pydantic", "jwt", "chorus.app", "chorus.security"}
+    assert not heavy & set(loaded), "a bot's import of chorus.client loads no server code"
+
+
 def test_backoff_is_full_jitter_capped_and_retry_after_is_a_floor() -> None:
     policy = Reconnect(base=0.25, cap=10.0, max_attempts=5, give_up_after=60)
     for attempt, ceiling in ((0, 0.25), (1, 0.5), (3, 2.0), (6, 10.0), (40, 10.0)):

@@ -20,12 +20,17 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from ..protocol import CLIENT_ID_MAX, MAX_HISTORY, ROOM_RE, USERNAME_RE, StreamId
-from ..security import BEARER_PREFIX, SUBPROTOCOL
 from .errors import Disconnected, HandshakeRefused, NotConnected, SendRejected, SendUnconfirmed
 from .events import Ack, Error, Event, Message, Resync, Welcome, parse_frame
 from .retry import FATAL_CLOSE_CODES, RETRYABLE_STATUSES, Reconnect, parse_retry_after
 
 CLOSE_ABNORMAL: Final = 1006  # RFC 6455: the TCP connection ended without a close frame
+
+# The handshake's subprotocols, as security.py accepts them. Repeated here, not imported:
+# security.py loads the server's settings (pydantic) and PyJWT, half a second a client never
+# needs; tests/test_client.py checks the two stay equal. They belong in protocol.py.
+SUBPROTOCOL: Final = "chorus.v1"
+BEARER_PREFIX: Final = "bearer."
 
 Token = str | Callable[[], Awaitable[str]]
 
