@@ -346,14 +346,15 @@ async def test_close_codes_reconnecting_can_fix_reconnect_and_resume(code: int) 
         if n == 0:
             await ws.send(json.dumps(_message("5-0", "first")))
             await ws.send(json.dumps({"type": "typing", "room": "r", "user": "t"}))
+            await ws.send(json.dumps(EDIT))  # a stream entry of a type this client does not model
             await asyncio.sleep(0.05)
             if code == 1006:
                 ws.transport.abort()
             else:
                 await ws.close(code)
-        else:  # the replay repeats what we saw, then new messages, then an ending close
-            for msg_id, text in (("5-0", "first"), ("6-0", "second")):
-                await ws.send(json.dumps(_message(msg_id, text)))
+        else:  # a replay that repeats what we saw, then something new, then an ending close
+            for frame in (_message("5-0", "first"), EDIT, _message("6-0", "second")):
+                await ws.send(json.dumps(frame))
             await ws.close(4001)
 
     events: list[Event] = []
@@ -362,11 +363,11 @@ async def test_close_codes_reconnecting_can_fix_reconnect_and_resume(code: int) 
             async for event in room:
                 events.append(event)
     kinds = [type(event).__name__ if type(event) is not Event else event.type for event in events]
-    assert kinds == ["Welcome", "Message", "typing", "Welcome", "Message"], kinds
+    assert kinds == ["Welcome", "Message", "typing", "edit", "Welcome", "Message"], kinds
     assert [e.text for e in events if isinstance(e, Message)] == ["first", "second"]
-    assert since == [None, "5-0"] and room.last_id == "6-0"
+    assert since == [None, "5-1"] and room.last_id == "6-0", "the edit moved the resume cursor"
     stats = room.stats
-    assert (stats.reconnects, stats.resumes, stats.duplicates_dropped, stats.replayed) == (1, 1, 1, 1)
+    assert (stats.reconnects, stats.resumes, stats.duplicates_dropped, stats.replayed) == (1, 1, 2, 1)
     assert room.stats.close_codes == {code: 1, 4001: 1}
 
 
@@ -451,6 +452,14 @@ def test_frames_parse_to_typed_events_and_unknown_ones_pass_through() -> None:
         event = parse_frame(raw)
         assert type(event) is Event, raw
     assert parse_frame('{"type":"typing","room":"r","user":"u"}').raw["user"] == "u"
+    gone = parse_frame(json.dumps({**_message("3-0", "x"), "text": None} | {"deleted": True}))
+    assert type(gone) is Event, "text null is not a shape this client knows"
+    deleted = {k: v for k, v in _message("3-0", "x").items() if k != "text"} | {"deleted": True}
+    assert parse_frame(json.dumps(deleted)) == Message(
+        id="3-0", ts=1.5, room="r", user="u", text="", replica="s", deleted=True
+    )
+    edited = parse_frame(json.dumps(_message("3-0", "y") | {"edited_ts": 9}))
+    assert isinstance(edited, Message) and edited.edited_ts == 9.0 and not edited.deleted
     presence = parse_frame('{"type":"presence","room":"r","event":"join","user":"u","online":2}')
     match presence:
         case Presence(event="join", user=user, online=online):
@@ -484,6 +493,9 @@ def test_backoff_is_full_jitter_capped_and_retry_after_is_a_floor() -> None:
     assert parse_retry_after("5") == 5.0 and parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
+
+
+EDIT = {"type": "edit", "id": "5-1", "target": "5-0", "room": "r", "user": "u", "text": "1st", "ts": 2.0}
 
 
 def _message(msg_id: str, text: str) -> dict[str, object]:

@@ -20,7 +20,7 @@ from .errors import (
     SendRejected,
     SendUnconfirmed,
 )
-from .events import Ack, Error, Event, Message, Presence, Resync, Welcome, parse_frame
+from .events import STREAM_TYPES, Ack, Error, Event, Message, Presence, Resync, Welcome, parse_frame
 from .retry import CLOSE_DISCONNECTED, FATAL_CLOSE_CODES, RETRYABLE_STATUSES, Reconnect
 from .room import Room, Stats, Token, connect
 
@@ -28,6 +28,7 @@ __all__ = [
     "CLOSE_DISCONNECTED",
     "FATAL_CLOSE_CODES",
     "RETRYABLE_STATUSES",
+    "STREAM_TYPES",
     "Ack",
     "ChorusError",
     "Disconnected",

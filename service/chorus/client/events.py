@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
+
+from ..protocol import StreamId
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,7 +35,11 @@ class Welcome(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Message(Event):
-    """A message in the room, replayed or live; `id` orders it (a Redis Stream id, `ms-seq`)."""
+    """A message in the room, replayed or live; `id` orders it (a Redis Stream id, `ms-seq`).
+
+    `edited_ts` and `deleted` (then `text` is empty) are issue 13's latest-form fields, sent
+    in history and replays once the server has edits and deletes.
+    """
 
     type: str = "message"
     id: str
@@ -42,6 +48,8 @@ class Message(Event):
     user: str
     text: str
     replica: str
+    edited_ts: float | None = None
+    deleted: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,13 +97,16 @@ def _welcome(f: Mapping[str, Any]) -> Event:
 
 
 def _message(f: Mapping[str, Any]) -> Event:
+    deleted = f.get("deleted") is True
     return Message(
         id=_s(f, "id"),
         ts=_f(f, "ts"),
         room=_s(f, "room"),
         user=_s(f, "user"),
-        text=_s(f, "text"),
+        text="" if deleted and "text" not in f else _s(f, "text"),
         replica=_s(f, "replica"),
+        edited_ts=None if f.get("edited_ts") is None else _f(f, "edited_ts"),
+        deleted=deleted,
         raw=f,
     )
 
@@ -126,6 +137,24 @@ _PARSERS = {
     "resync": _resync,
     "error": _error,
 }
+
+
+# Frames that are entries of the room's stream: each has its own `id`, keeps its order with
+# the others and is replayed on resume, so each moves the resume cursor and is deduplicated
+# by id. Issue 13 adds edit, delete and reaction; a client that predates them still resumes
+# after them instead of seeing them twice.
+STREAM_TYPES: Final = frozenset({"message", "edit", "delete", "reaction"})
+
+
+def stream_id(event: Event) -> StreamId | None:
+    """The stream id of a stream entry (`STREAM_TYPES`), None for any other frame."""
+    raw_id = event.raw.get("id") if event.type in STREAM_TYPES else None
+    if not isinstance(raw_id, str):
+        return None
+    try:
+        return StreamId.parse(raw_id)
+    except ValueError:
+        return None
 
 
 def parse_frame(text: str | bytes) -> Event:

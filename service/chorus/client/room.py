@@ -21,7 +21,7 @@ from websockets.typing import Subprotocol
 
 from ..protocol import CLIENT_ID_MAX, MAX_HISTORY, ROOM_RE, USERNAME_RE, StreamId
 from .errors import Disconnected, HandshakeRefused, NotConnected, SendRejected, SendUnconfirmed
-from .events import Ack, Error, Event, Message, Resync, Welcome, parse_frame
+from .events import Ack, Error, Event, Resync, Welcome, parse_frame, stream_id
 from .retry import FATAL_CLOSE_CODES, RETRYABLE_STATUSES, Reconnect, parse_retry_after
 
 CLOSE_ABNORMAL: Final = 1006  # RFC 6455: the TCP connection ended without a close frame
@@ -42,8 +42,8 @@ class Stats:
     connects: int = 0  # handshakes that reached the welcome frame, the first one included
     reconnects: int = 0  # connects after the first
     resumes: int = 0  # connects that asked for `since=<last id>`
-    replayed: int = 0  # messages a resume delivered that were sent before it (by id time vs. our clock)
-    duplicates_dropped: int = 0  # messages already seen (by id) or our own, already acked
+    replayed: int = 0  # stream entries a resume delivered that predate it (id time vs. our clock)
+    duplicates_dropped: int = 0  # stream entries already seen (by id) or our own, already acked
     resyncs: int = 0  # `resync` frames: the server could not resume from our last id
     unreachable: int = 0  # attempts that failed before any HTTP answer (refused, reset, timeout)
     close_codes: Counter[int] = field(default_factory=Counter)  # every socket close, by code
@@ -336,19 +336,15 @@ class Room:
         self._live.set()
 
     async def _on_frame(self, event: Event, resumed_at_ms: float | None) -> None:
-        if isinstance(event, Message):
-            try:
-                msg_id = StreamId.parse(event.id)
-            except ValueError:
-                msg_id = None
-            if msg_id is not None:
-                if (self._last is not None and msg_id <= self._last) or msg_id in self._acked:
-                    self.stats.duplicates_dropped += 1
-                    self._advance(msg_id)
-                    return
-                self._advance(msg_id)
-                if resumed_at_ms is not None and msg_id[0] < resumed_at_ms:
-                    self.stats.replayed += 1
+        entry_id = stream_id(event)
+        if entry_id is not None:
+            if (self._last is not None and entry_id <= self._last) or entry_id in self._acked:
+                self.stats.duplicates_dropped += 1
+                self._advance(entry_id)
+                return
+            self._advance(entry_id)
+            if resumed_at_ms is not None and entry_id[0] < resumed_at_ms:
+                self.stats.replayed += 1
         elif isinstance(event, Ack):
             with contextlib.suppress(ValueError):
                 self._acked.add(StreamId.parse(event.id))
