@@ -22,7 +22,8 @@ from .errors import (
 )
 from .events import STREAM_TYPES, Ack, Error, Event, Message, Presence, Resync, Welcome, parse_frame
 from .retry import CLOSE_DISCONNECTED, FATAL_CLOSE_CODES, RETRYABLE_STATUSES, Reconnect
-from .room import Room, Stats, Token, connect
+from .room import Room, Token, connect
+from .stats import Stats
 
 __all__ = [
     "CLOSE_DISCONNECTED",

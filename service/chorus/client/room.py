@@ -7,9 +7,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import urlencode
 
@@ -23,6 +21,7 @@ from ..protocol import CLIENT_ID_MAX, MAX_HISTORY, ROOM_RE, USERNAME_RE, StreamI
 from .errors import Disconnected, HandshakeRefused, NotConnected, SendRejected, SendUnconfirmed
 from .events import Ack, Error, Event, Resync, Welcome, parse_frame, stream_id
 from .retry import FATAL_CLOSE_CODES, RETRYABLE_STATUSES, Reconnect, parse_retry_after
+from .stats import Stats
 
 CLOSE_ABNORMAL: Final = 1006  # RFC 6455: the TCP connection ended without a close frame
 
@@ -33,21 +32,6 @@ SUBPROTOCOL: Final = "chorus.v1"
 BEARER_PREFIX: Final = "bearer."
 
 Token = str | Callable[[], Awaitable[str]]
-
-
-@dataclass
-class Stats:
-    """What the client saw, for logs and benchmarks; counters only grow."""
-
-    connects: int = 0  # handshakes that reached the welcome frame, the first one included
-    reconnects: int = 0  # connects after the first
-    resumes: int = 0  # connects that asked for `since=<last id>`
-    replayed: int = 0  # stream entries a resume delivered that predate it (id time vs. our clock)
-    duplicates_dropped: int = 0  # stream entries already seen (by id) or our own, already acked
-    resyncs: int = 0  # `resync` frames: the server could not resume from our last id
-    unreachable: int = 0  # attempts that failed before any HTTP answer (refused, reset, timeout)
-    close_codes: Counter[int] = field(default_factory=Counter)  # every socket close, by code
-    refused: Counter[int] = field(default_factory=Counter)  # refused handshakes, by HTTP status
 
 
 class Room:
