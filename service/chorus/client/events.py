@@ -1,0 +1,201 @@
+"""Server frames as typed events; a frame of a type this client does not know stays an `Event`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from ..protocol import StreamId
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """A server frame: its `type` and the frame as received (`raw`).
+
+    Frames of types this client does not know (new server features) arrive as plain `Event`s,
+    never as an exception; so do known types whose fields do not parse.
+    """
+
+    type: str
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Welcome(Event):
+    """First frame of every connection: the room's subscription on `replica` is live."""
+
+    type: str = "welcome"
+    room: str
+    user: str
+    replica: str
+    online: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message(Event):
+    """A message in the room, replayed or live; `id` orders it (a Redis Stream id, `ms-seq`).
+
+    `edited_ts` and `deleted` (then `text` is empty) are issue 13's latest-form fields, sent
+    in history and replays once the server has edits and deletes.
+    """
+
+    type: str = "message"
+    id: str
+    ts: float
+    room: str
+    user: str
+    text: str
+    replica: str
+    edited_ts: float | None = None
+    deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ack(Event):
+    """The server stored one of our messages under `id` (`client_id` as we sent it)."""
+
+    type: str = "ack"
+    id: str
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Presence(Event):
+    """A user's first connection joined (`event="join"`) or last one left (`"leave"`)."""
+
+    type: str = "presence"
+    room: str
+    event: str
+    user: str
+    online: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resync(Event):
+    """The server could not resume from our last id: what we hold may have a gap."""
+
+    type: str = "resync"
+    room: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Error(Event):
+    """A frame we sent was not accepted (`code`: invalid, too_large, rate_limited, unavailable)."""
+
+    type: str = "error"
+    code: str
+    detail: str
+    client_id: str | None = None
+
+
+def _welcome(f: Mapping[str, Any]) -> Event:
+    return Welcome(
+        room=_s(f, "room"), user=_s(f, "user"), replica=_s(f, "replica"), online=_i(f, "online"), raw=f
+    )
+
+
+def _message(f: Mapping[str, Any]) -> Event:
+    deleted = f.get("deleted") is True
+    return Message(
+        id=_s(f, "id"),
+        ts=_f(f, "ts"),
+        room=_s(f, "room"),
+        user=_s(f, "user"),
+        text="" if deleted and "text" not in f else _s(f, "text"),
+        replica=_s(f, "replica"),
+        edited_ts=None if f.get("edited_ts") is None else _f(f, "edited_ts"),
+        deleted=deleted,
+        raw=f,
+    )
+
+
+def _ack(f: Mapping[str, Any]) -> Event:
+    return Ack(id=_s(f, "id"), client_id=_opt_s(f, "client_id"), raw=f)
+
+
+def _presence(f: Mapping[str, Any]) -> Event:
+    return Presence(
+        room=_s(f, "room"), event=_s(f, "event"), user=_s(f, "user"), online=_i(f, "online"), raw=f
+    )
+
+
+def _resync(f: Mapping[str, Any]) -> Event:
+    return Resync(room=_s(f, "room"), raw=f)
+
+
+def _error(f: Mapping[str, Any]) -> Event:
+    return Error(code=_s(f, "code"), detail=_s(f, "detail"), client_id=_opt_s(f, "client_id"), raw=f)
+
+
+_PARSERS = {
+    "welcome": _welcome,
+    "message": _message,
+    "ack": _ack,
+    "presence": _presence,
+    "resync": _resync,
+    "error": _error,
+}
+
+
+# Frames that are entries of the room's stream: each has its own `id`, keeps its order with
+# the others and is replayed on resume, so each moves the resume cursor and is deduplicated
+# by id. Issue 13 adds edit, delete and reaction; a client that predates them still resumes
+# after them instead of seeing them twice.
+STREAM_TYPES: Final = frozenset({"message", "edit", "delete", "reaction"})
+
+
+def stream_id(event: Event) -> StreamId | None:
+    """The stream id of a stream entry (`STREAM_TYPES`), None for any other frame."""
+    raw_id = event.raw.get("id") if event.type in STREAM_TYPES else None
+    if not isinstance(raw_id, str):
+        return None
+    try:
+        return StreamId.parse(raw_id)
+    except ValueError:
+        return None
+
+
+def parse_frame(text: str | bytes) -> Event:
+    """Turn one server text frame into an event; never raises on what a server may send."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return Event(type="", raw={"data": text if isinstance(text, str) else text.decode(errors="replace")})
+    kind = body.get("type")
+    kind = kind if isinstance(kind, str) else ""
+    parser = _PARSERS.get(kind)
+    if parser is not None:
+        try:
+            return parser(body)
+        except (KeyError, TypeError, ValueError):
+            pass  # a known type in a shape this client does not know: pass it on as it is
+    return Event(type=kind, raw=body)
+
+
+def _s(frame: Mapping[str, Any], key: str) -> str:
+    value = frame[key]
+    if not isinstance(value, str):
+        raise TypeError(key)
+    return value
+
+
+def _opt_s(frame: Mapping[str, Any], key: str) -> str | None:
+    return None if frame.get(key) is None else _s(frame, key)
+
+
+def _i(frame: Mapping[str, Any], key: str) -> int:
+    value = frame[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(key)
+    return value
+
+
+def _f(frame: Mapping[str, Any], key: str) -> float:
+    value = frame[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(key)
+    return float(value)
