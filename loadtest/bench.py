@@ -14,8 +14,10 @@ machine treats them alike:
 3. a rooms sweep: 1, 10, 100, 1,000 rooms of 2 receivers each, same total message rate, so
    only the number of rooms (subscriptions, channels) changes;
 4. a replicas sweep (1, 2, 3) on the main room at a fixed delivery rate;
-5. idle cost: RSS growth of one replica per idle joined WebSocket at 2,000 connections, then
-   the replica's CPU over a fixed idle window (30 s, longer than every stack's ping interval).
+5. idle cost, on fresh replicas: RSS growth of one replica per idle joined WebSocket at 2,000
+   connections, then the replica's CPU over a fixed idle window (60 s: three keepalive rounds
+   of uvicorn's 20 s pings, two or three of Socket.IO's 25 s ones; the pings answered in the
+   window are reported beside the CPU).
 
 Writes bench.md, bench.json and bench.png under --out. Every loop is bounded in count and time.
 """
@@ -66,7 +68,7 @@ class Plan:
     sweep_replicas: tuple[int, ...] = (1, 2, 3)
     sweep_replicas_dps: int = 30_000
     idle_connections: int = 2000
-    idle_seconds: float = 30.0  # Chorus pings every 20 s, Socket.IO every 25 s
+    idle_seconds: float = 60.0  # Chorus (uvicorn) pings every 20 s, Socket.IO every 25 s
 
 
 FULL = Plan()
@@ -215,22 +217,23 @@ async def idle_memory(target: Target, connections: int, idle_seconds: float) -> 
     try:
         after = _settled_rss(target)
         await _quiet(target)  # the joins' own work is not idle cost
-        cpu0 = target.server_cpu()
+        cpu0, pings0 = target.server_cpu(), tally.pings
         await asyncio.sleep(idle_seconds)
-        idle_cpu = target.server_cpu() - cpu0
+        idle_cpu, pings = target.server_cpu() - cpu0, tally.pings - pings0
         target.check_alive()
     finally:
         for client in clients:
             client.close()
     per_conn = (after - before) / connections
-    # Percent of one core per 1,000 idle sockets (/proc counts in 10 ms ticks: 30 s resolves 0.03 %).
+    # Percent of one core per 1,000 idle sockets (/proc counts in 10 ms ticks: 60 s resolves 0.02 %).
     pct_per_1k = idle_cpu / idle_seconds * 100 / (connections / 1000)
     result = {"impl": target.impl, "connections": connections, "rss_before_kib": before,
               "rss_after_kib": after, "kib_per_connection": per_conn, "idle_seconds": idle_seconds,
-              "idle_cpu_s": idle_cpu, "idle_cpu_pct_per_1k": pct_per_1k}  # fmt: skip
+              "idle_cpu_s": idle_cpu, "idle_cpu_pct_per_1k": pct_per_1k, "idle_pings": pings}  # fmt: skip
     log(
         f"{target.impl:8} idle: {per_conn:.1f} KiB per connection ({before} -> {after} KiB), "
-        f"{idle_cpu:.2f} CPU-s in {idle_seconds:g} s = {pct_per_1k:.3f} % of a core per 1,000 sockets"
+        f"{idle_cpu:.2f} CPU-s in {idle_seconds:g} s = {pct_per_1k:.3f} % of a core per 1,000 sockets, "
+        f"{pings} pings answered"
     )
     return result
 
@@ -275,6 +278,19 @@ async def run(plan: Plan, impls: Sequence[str], workdir: Path) -> Results:
         log(f"starting {replicas} replica(s) of {', '.join(impls)}")
         targets = _start(impls, replicas, workdir)
         try:
+            if replicas == 1:
+                # First, on fresh processes: a garbage-collected runtime (node) hands back memory
+                # that earlier loads left, which would make its growth per socket look negative.
+                for target in targets.values():
+                    results.memory.append(await idle_memory(target, plan.idle_connections, plan.idle_seconds))
+                if "baseline" in impls:
+                    floor = _start([FLOOR], 1, workdir)
+                    try:
+                        results.memory.append(
+                            await idle_memory(floor[FLOOR], plan.idle_connections, plan.idle_seconds)
+                        )
+                    finally:
+                        _stop(floor)
             if replicas == plan.replicas:
                 await main_curve(plan, targets, results)
                 await small_rooms_curve(plan, targets, results)
@@ -291,17 +307,6 @@ async def run(plan: Plan, impls: Sequence[str], workdir: Path) -> Results:
                     results.replicas.append(
                         await fixed_step(target, "replicas", 1, plan.receivers, msgs, plan)
                     )
-            if replicas == 1:
-                for target in targets.values():
-                    results.memory.append(await idle_memory(target, plan.idle_connections, plan.idle_seconds))
-                if "baseline" in impls:
-                    floor = _start([FLOOR], 1, workdir)
-                    try:
-                        results.memory.append(
-                            await idle_memory(floor[FLOOR], plan.idle_connections, plan.idle_seconds)
-                        )
-                    finally:
-                        _stop(floor)
         finally:
             _stop(targets)
     return results

@@ -176,7 +176,8 @@ def _idle_row(m: dict[str, object]) -> str:
     cpu = float(m.get("idle_cpu_s", math.nan))  # type: ignore[arg-type]
     pct = float(m.get("idle_cpu_pct_per_1k", math.nan))  # type: ignore[arg-type]
     cells = [LABELS.get(str(m["impl"]), str(m["impl"])), str(m["rss_before_kib"]), str(m["rss_after_kib"]),
-             f"{m['kib_per_connection']:.1f}", _f(cpu, 2), _f(pct, 3)]  # fmt: skip
+             f"{m['kib_per_connection']:.1f}", _f(cpu, 2), _f(pct, 3),
+             str(m.get("idle_pings", "n/a"))]  # fmt: skip
     return "| " + " | ".join(cells) + " |"
 
 
@@ -219,10 +220,13 @@ def markdown(results: Results, *, smoke: bool) -> str:
         f"## Idle cost ({plan.idle_connections} joined WebSockets on one replica, CPU over {idle_s:g} s)",
         "",
         "`floor` is a bare ASGI app on the same uvicorn (loadtest/baselines/floor.py): what the server",
-        "stack costs per idle socket before any application code.",
+        "stack costs per idle socket before any application code. Idle CPU is mostly keepalive:",
+        "uvicorn pings every 20 s, Socket.IO every 25 s; the pings the generator answered in the",
+        "window show how many rounds it held.",
         "",
-        "| impl | RSS before KiB | RSS after KiB | KiB per connection | idle CPU-s | % of a core per 1,000 |",
-        "|---|---|---|---|---|---|",
+        "| impl | RSS before KiB | RSS after KiB | KiB per connection | idle CPU-s | % of a core per 1,000 "
+        "| pings answered |",
+        "|---|---|---|---|---|---|---|",
         *(_idle_row(m) for m in results.memory),
         "",
     ]

@@ -55,6 +55,7 @@ class Tally:
     def __init__(self) -> None:
         self.steps: dict[int, StepTally] = {}
         self.other_frames = 0
+        self.pings = 0  # keepalive pings answered (WebSocket ping frames, or Engine.IO `2`)
         self.closed: dict[int, int] = {}
 
     def step(self, index: int) -> StepTally:
@@ -166,6 +167,7 @@ class WsClient(asyncio.Protocol):
             if opcode == OP_TEXT:
                 self._on_text(buf, start, end)
             elif opcode == OP_PING:
+                self.tally.pings += 1
                 self._write(_masked_frame(0xA, buf[start:end]))
             elif opcode == OP_CLOSE:
                 code = int.from_bytes(buf[start : start + 2], "big") if length >= 2 else 1005
@@ -190,6 +192,7 @@ class WsClient(asyncio.Protocol):
             else:
                 self.tally.other_frames += 1
         elif kind == EIO_PING:
+            self.tally.pings += 1
             self._write(_masked_frame(OP_TEXT, EIO_PONG))
         elif kind == EIO_OPEN:
             self._write(_masked_frame(OP_TEXT, b"40"))  # connect to the main namespace
