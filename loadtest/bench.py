@@ -102,7 +102,7 @@ def _brief(step: StepResult) -> str:
         flag += " client-bound"
     return (
         f"{step.impl:8} {step.scenario:8} rooms={step.rooms:<4} R={step.replicas} "
-        f"offered={step.offered_dps:>7.0f}/s "
+        f"msgs={step.offered_msgs_s:>6.0f}/s offered={step.offered_dps:>7.0f}/s "
         f"delivered={step.delivered_dps:>7.0f}/s loss={step.loss} p99={step.p99_ms:.1f}ms "
         f"cpu/1k={step.server_cpu_per_1k:.4f}s cpu/msg={step.server_cpu_ms_per_msg:.3f}ms "
         f"gen={step.generator_cores:.2f} {flag}"
