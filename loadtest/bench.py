@@ -221,6 +221,8 @@ async def idle_memory(target: Target, connections: int, idle_seconds: float) -> 
         await asyncio.sleep(idle_seconds)
         idle_cpu, pings = target.server_cpu() - cpu0, tally.pings - pings0
         target.check_alive()
+        # A stack that dropped idle sockets (a pong the generator failed to send) measured less.
+        closed = sum(tally.closed.values())
     finally:
         for client in clients:
             client.close()
@@ -229,11 +231,12 @@ async def idle_memory(target: Target, connections: int, idle_seconds: float) -> 
     pct_per_1k = idle_cpu / idle_seconds * 100 / (connections / 1000)
     result = {"impl": target.impl, "connections": connections, "rss_before_kib": before,
               "rss_after_kib": after, "kib_per_connection": per_conn, "idle_seconds": idle_seconds,
-              "idle_cpu_s": idle_cpu, "idle_cpu_pct_per_1k": pct_per_1k, "idle_pings": pings}  # fmt: skip
+              "idle_cpu_s": idle_cpu, "idle_cpu_pct_per_1k": pct_per_1k, "idle_pings": pings,
+              "idle_closed": closed}  # fmt: skip
     log(
         f"{target.impl:8} idle: {per_conn:.1f} KiB per connection ({before} -> {after} KiB), "
         f"{idle_cpu:.2f} CPU-s in {idle_seconds:g} s = {pct_per_1k:.3f} % of a core per 1,000 sockets, "
-        f"{pings} pings answered"
+        f"{pings} pings answered, {closed} closed by the server"
     )
     return result
 

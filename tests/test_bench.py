@@ -39,7 +39,7 @@ def test_bench_smoke_produces_table_json_and_plot(tmp_path: Path) -> None:
         assert {step["rooms"] for step in results["rooms"] if step["impl"] == impl} == {1, 2}
         assert {step["replicas"] for step in results["replicas"] if step["impl"] == impl} == {1, 2}
     assert {m["impl"] for m in results["memory"]} == {"chorus", "baseline", "socketio", "floor"}
-    assert all(m["idle_cpu_s"] >= 0 for m in results["memory"]), results["memory"]
+    assert all(m["idle_cpu_s"] >= 0 and m["idle_closed"] == 0 for m in results["memory"]), results["memory"]
 
     table = (out / "bench.md").read_text()
     assert "server CPU-s per 1,000 deliveries" in table
