@@ -45,7 +45,7 @@ lint: test-deps ## ruff and mypy --strict on the service
 BENCH_ARGS ?=
 
 .PHONY: bench
-bench: system-deps test-deps ## Chorus vs the seed's naive design, side by side: table, JSON, plot in loadtest/results/
+bench: system-deps test-deps ## Chorus vs the naive design and Node.js Socket.IO, side by side: table, JSON, plot in loadtest/results/
 	$(BIN)/python -m loadtest.bench --out loadtest/results $(BENCH_ARGS)
 
 .PHONY: bench-cluster

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .bench_procs import Target, self_cpu_seconds
-from .bench_wire import Tally, WsClient, now_us, open_socket
+from .bench_wire import Tally, WsClient, framing_for, now_us, open_socket
 
 MESSAGE_BYTES = 80  # the text of each message, as in the issue's reference runs
 CONNECT_CONCURRENCY = 64
@@ -43,6 +43,7 @@ class StepResult:
     max_ms: float
     server_cpu_s: float
     server_cpu_per_1k: float
+    server_cpu_ms_per_msg: float  # what a small room pays: each message reaches only a few
     server_cores: float
     redis_cpu_s: float
     redis_us_per_msg: float
@@ -65,12 +66,25 @@ def _percentile(ordered: list[int], fraction: float) -> float:
 
 
 class Load:
-    """C receivers spread over `rooms` and the replicas (round robin), plus publishers."""
+    """C receivers spread over `rooms` and the replicas (round robin), plus publishers.
+
+    By default a publisher is a socket of its own; with `publisher_is_member` the room's first
+    receiver publishes too (a room of 4 is then 4 sockets, each message reaching the other 3).
+    """
 
     def __init__(
-        self, target: Target, *, scenario: str, rooms: int, receivers: int, publishers_per_room: int
+        self,
+        target: Target,
+        *,
+        scenario: str,
+        rooms: int,
+        receivers: int,
+        publishers_per_room: int,
+        publisher_is_member: bool = False,
     ) -> None:
         self.target = target
+        self.framing = framing_for(target.impl)
+        self.publisher_is_member = publisher_is_member
         self.scenario = scenario
         self.rooms = rooms
         self.receivers_count = receivers
@@ -93,16 +107,21 @@ class Load:
             # One username per role and room: Chorus announces only a user's first join and
             # last leave, so N distinct joiners would add an N-squared presence storm that is
             # not what this measures (and that the baseline does not have).
-            name = "recv" if receiver else "pub"
-            path = f"/ws/bench-{room}?username={name}&history=0"
+            path = self.framing.path(f"bench-{room}", "recv" if receiver else "pub")
             async with gate:
-                return await open_socket(self._port(room, ordinal), path, self.tally, receiver=receiver)
+                return await open_socket(
+                    self._port(room, ordinal), path, self.tally, receiver=receiver, framing=self.framing
+                )
 
         rooms = [index % self.rooms for index in range(self.receivers_count)]
         for room in rooms:
             self.members[room] += 1
         opening = (one(room, index // self.rooms, True) for index, room in enumerate(rooms))
         self.receivers = list(await asyncio.gather(*opening))
+        if self.publisher_is_member:
+            # Receivers were opened room by room in turn: the first `rooms` are one per room.
+            self.publishers = [(self.receivers[room], room) for room in range(min(self.rooms, len(rooms)))]
+            return
         # A publisher is a separate socket, not a receiver: Chorus acks the sender instead of echoing.
         pub_rooms = [room for room in range(self.rooms) for _ in range(self.publishers_per_room)]
         clients = await asyncio.gather(
@@ -111,7 +130,7 @@ class Load:
         self.publishers = list(zip(clients, pub_rooms, strict=True))
 
     def close(self) -> None:
-        for client in [*self.receivers, *(pub for pub, _ in self.publishers)]:
+        for client in [*self.receivers, *(pub for pub, _ in self.publishers)]:  # closing twice is a no-op
             client.close()
 
     async def step(self, msgs_per_s: float, seconds: float) -> StepResult:
@@ -157,6 +176,7 @@ class Load:
             max_ms=ordered[-1] / 1000 if ordered else float("nan"),
             server_cpu_s=cpu,
             server_cpu_per_1k=cpu / delivered * 1000 if delivered else float("nan"),
+            server_cpu_ms_per_msg=cpu / sent * 1000 if sent else float("nan"),
             server_cores=cpu / wall,
             redis_cpu_s=redis,
             redis_us_per_msg=redis / sent * 1e6 if sent else float("nan"),
@@ -171,6 +191,7 @@ class Load:
         seqs = [0] * len(publishers)
         pad = b"x" * MESSAGE_BYTES
         expected = 0
+        others = 1 if self.publisher_is_member else 0  # a sender does not receive its own message
         started = time.monotonic()
         sent = 0
         while sent < total:
@@ -180,8 +201,8 @@ class Load:
                 client, room = publishers[index]
                 head = b"%d %d %d %d " % (step_id, index, seqs[index], now_us())
                 seqs[index] += 1
-                client.send_text(b'{"type":"message","text":"%s"}' % (head + pad[len(head) :]))
-                expected += self.members[room]
+                client.send_message(head + pad[len(head) :])
+                expected += self.members[room] - others
                 sent += 1
             await asyncio.sleep(TICK_SECONDS)
         return sent, expected

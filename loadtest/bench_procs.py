@@ -1,13 +1,14 @@
-"""The processes under test: Redis plus R replicas of Chorus or of the naive baseline.
+"""The processes under test: Redis plus R replicas of Chorus, the naive baseline or Socket.IO.
 
-Both are started with chorus.devcluster's RedisServer and Process, on loopback, and stopped by
+All are started with chorus.devcluster's RedisServer and Process, on loopback, and stopped by
 PID. CPU and memory come from /proc, summed over each replica's process tree (gunicorn's
-workers are children of the PID we started).
+workers are children of the PID we started; node's threads are in its own counts).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,12 @@ from chorus.devcluster import HarnessError, Process, RedisServer, free_port, htt
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE_DIR = ROOT / "loadtest" / "baselines"
 BASELINE_VENV = ROOT / ".venv-baseline"
+SOCKETIO_DIR = BASELINE_DIR / "socketio"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
-IMPLS = ("chorus", "baseline")
+IMPLS = ("chorus", "baseline", "socketio")
+BASELINES = ("baseline", "socketio")  # what Chorus is compared with, in the order reported
 FLOOR = "floor"  # baselines/floor.py: a bare ASGI app, measured for idle memory only
 # Chorus's limits stay on (the limiter still runs per message) but are raised above the load a
 # benchmark publisher offers (up to ~100 messages/s each) and the sockets it opens per user name.
@@ -47,6 +50,22 @@ def ensure_baseline_venv(venv: Path = BASELINE_VENV) -> Path:
     )
     stamp.write_text(requirements.read_text())
     return python
+
+
+def ensure_socketio_modules(folder: Path = SOCKETIO_DIR) -> Path:
+    """`npm ci` the Socket.IO baseline on first use (versions exact in its package-lock.json)."""
+    lock = folder / "package-lock.json"
+    stamp = folder / "node_modules" / ".installed"
+    if stamp.exists() and stamp.read_text() == lock.read_text():
+        return folder
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("the socketio baseline needs Node.js 20+ and npm on PATH (or --impl to skip it)")
+    subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder, check=True
+    )  # fmt: skip
+    stamp.write_text(lock.read_text())
+    return folder
 
 
 def _children() -> dict[int, list[int]]:
@@ -122,6 +141,10 @@ class Target:
         if self.impl == "chorus":
             return [sys.executable, "-m", "chorus", "serve", "--host", "127.0.0.1", "--port", str(port),
                     "--workers", str(self.workers)]  # fmt: skip
+        if self.impl == "socketio":
+            # One node process per replica, whatever `workers` says (Socket.IO's own model).
+            node = shutil.which("node") or "node"
+            return [node, str(ensure_socketio_modules() / "server.js"), "--port", str(port)]
         return [
             str(ensure_baseline_venv()), "-m", "uvicorn", "--app-dir", str(BASELINE_DIR),
             "floor:app" if self.impl == FLOOR else "naive:app",

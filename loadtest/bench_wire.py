@@ -5,6 +5,19 @@ server spends sending it, so the generator would measure itself. Here a receiver
 frame header by hand and reads only the message text, which carries
 `<step> <publisher> <seq> <send time in us>`; publishers mask with the all-zero key (legal,
 and the XOR becomes a no-op) so sending costs one `write`.
+
+Two framings over the same WebSocket code, so one generator drives all three stacks:
+
+- Chorus's (which the naive baseline speaks too): `/ws/{room}?username=U&history=0`, a
+  `{"type":"welcome"}` frame once joined, `{"type":"message","text":...}` out, `{"type":"ack"}`
+  back to the sender, messages to the others.
+- Engine.IO v4 / Socket.IO v5, for the Socket.IO baseline:
+  `/socket.io/?EIO=4&transport=websocket&room=R&user=U`, one Engine.IO packet per WebSocket
+  frame. The server opens with `0{"sid":...,"pingInterval":...}`; the client connects to the
+  `/` namespace with `40` and is joined once `40{"sid":...}` comes back (its welcome). It sends
+  `42<ack id>["message",{"text":...}]` and gets `43<ack id>[...]` back (its ack); the others
+  get `42["message",{...,"text":...}]`. The server pings with `2`, the client answers `3`
+  (a client that does not is dropped after pingInterval + pingTimeout).
 """
 
 from __future__ import annotations
@@ -18,6 +31,9 @@ from typing import cast
 
 TEXT_MARK = b'"text":"'
 OP_TEXT, OP_CLOSE, OP_PING = 0x1, 0x8, 0x9
+# Engine.IO packet types (first byte of a frame) and Socket.IO ones (the second, after `4`).
+EIO_OPEN, EIO_CLOSE, EIO_PING, EIO_PONG, EIO_MESSAGE = b"0", b"1", b"2", b"3", b"4"
+SIO_CONNECT, SIO_DISCONNECT, SIO_EVENT, SIO_ACK, SIO_CONNECT_ERROR = 0x30, 0x31, 0x32, 0x33, 0x34
 
 
 def now_us() -> int:
@@ -39,6 +55,7 @@ class Tally:
     def __init__(self) -> None:
         self.steps: dict[int, StepTally] = {}
         self.other_frames = 0
+        self.pings = 0  # keepalive pings answered (WebSocket ping frames, or Engine.IO `2`)
         self.closed: dict[int, int] = {}
 
     def step(self, index: int) -> StepTally:
@@ -46,6 +63,26 @@ class Tally:
         if tally is None:
             tally = self.steps[index] = StepTally()
         return tally
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How one stack's URL names a room and how its frames wrap a chat message."""
+
+    engineio: bool
+
+    def path(self, room: str, user: str) -> str:
+        if self.engineio:
+            return f"/socket.io/?EIO=4&transport=websocket&room={room}&user={user}"
+        return f"/ws/{room}?username={user}&history=0"
+
+
+CHORUS_FRAMING = Framing(engineio=False)  # Chorus, the naive baseline, the floor
+ENGINEIO_FRAMING = Framing(engineio=True)  # Socket.IO 4.x: Engine.IO v4, Socket.IO protocol v5
+
+
+def framing_for(impl: str) -> Framing:
+    return ENGINEIO_FRAMING if impl == "socketio" else CHORUS_FRAMING
 
 
 def _masked_frame(opcode: int, payload: bytes) -> bytes:
@@ -62,13 +99,15 @@ def _masked_frame(opcode: int, payload: bytes) -> bytes:
 class WsClient(asyncio.Protocol):
     """One WebSocket: handshake, then frames; receivers tally message texts."""
 
-    def __init__(self, tally: Tally, *, receiver: bool, request: bytes) -> None:
+    def __init__(self, tally: Tally, *, receiver: bool, request: bytes, framing: Framing) -> None:
         self.tally = tally
         self.receiver = receiver
+        self.engineio = framing.engineio
         self.transport: asyncio.Transport | None = None
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.welcomed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.acks = 0
+        self._sent = 0
         self._handshaking = True
         self._buf = b""
         self._request = request
@@ -128,6 +167,7 @@ class WsClient(asyncio.Protocol):
             if opcode == OP_TEXT:
                 self._on_text(buf, start, end)
             elif opcode == OP_PING:
+                self.tally.pings += 1
                 self._write(_masked_frame(0xA, buf[start:end]))
             elif opcode == OP_CLOSE:
                 code = int.from_bytes(buf[start : start + 2], "big") if length >= 2 else 1005
@@ -136,7 +176,33 @@ class WsClient(asyncio.Protocol):
             pos = end
         self._buf = buf[pos:]
 
+    def _on_engineio(self, buf: bytes, start: int, end: int) -> bool:
+        """Handle an Engine.IO / Socket.IO control packet; False for an event (a chat message)."""
+        kind = buf[start : start + 1]
+        if kind == EIO_MESSAGE and end - start >= 2:
+            sio = buf[start + 1]
+            if sio == SIO_EVENT:
+                return False
+            if sio == SIO_ACK:
+                self.acks += 1
+            elif sio == SIO_CONNECT and not self.welcomed.done():
+                self.welcomed.set_result(None)  # `40{"sid":...}`: joined to its room
+            elif sio == SIO_CONNECT_ERROR and not self.welcomed.done():
+                self.welcomed.set_exception(ConnectionError(f"refused: {buf[start:end]!r}"))
+            else:
+                self.tally.other_frames += 1
+        elif kind == EIO_PING:
+            self.tally.pings += 1
+            self._write(_masked_frame(OP_TEXT, EIO_PONG))
+        elif kind == EIO_OPEN:
+            self._write(_masked_frame(OP_TEXT, b"40"))  # connect to the main namespace
+        else:
+            self.tally.other_frames += 1
+        return True
+
     def _on_text(self, buf: bytes, start: int, end: int) -> None:
+        if self.engineio and self._on_engineio(buf, start, end):
+            return
         at = buf.find(TEXT_MARK, start, end)
         if at < 0 or not self.receiver:
             if buf.startswith(b'{"type":"welcome"', start) and not self.welcomed.done():
@@ -169,6 +235,14 @@ class WsClient(asyncio.Protocol):
     def send_text(self, text: bytes) -> None:
         self._write(_masked_frame(OP_TEXT, text))
 
+    def send_message(self, text: bytes) -> None:
+        """One chat message; `text` must need no JSON escaping (the generator's never does)."""
+        if self.engineio:
+            self._sent += 1  # the ack id: Socket.IO acks the sender as Chorus does
+            self.send_text(b'42%d["message",{"text":"%s"}]' % (self._sent, text))
+        else:
+            self.send_text(b'{"type":"message","text":"%s"}' % text)
+
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(_masked_frame(OP_CLOSE, b"\x03\xe8"))
@@ -176,16 +250,23 @@ class WsClient(asyncio.Protocol):
 
 
 async def open_socket(
-    port: int, path: str, tally: Tally, *, receiver: bool, within: float = 20.0
+    port: int,
+    path: str,
+    tally: Tally,
+    *,
+    receiver: bool,
+    framing: Framing = CHORUS_FRAMING,
+    within: float = 20.0,
 ) -> WsClient:
-    """Connect, upgrade and wait for the welcome frame (the room is live from then on)."""
+    """Connect, upgrade and wait for the welcome (Socket.IO: the namespace CONNECT reply);
+    the room is live from then on."""
     loop = asyncio.get_running_loop()
     key = base64.b64encode(os.urandom(16)).decode()
     request = (
         f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     ).encode()
-    client = WsClient(tally, receiver=receiver, request=request)
+    client = WsClient(tally, receiver=receiver, request=request, framing=framing)
     async with asyncio.timeout(within):
         await loop.create_connection(lambda: client, "127.0.0.1", port)
         await client.opened
