@@ -5,8 +5,9 @@ the connection drops, and dies on one non-UTF-8 payload. This backend speaks RES
 connection of its own (no redis-py pub/sub state machine in the way) and:
 
 - reconnects with capped, jittered exponential backoff and re-subscribes every wanted channel;
-- after a reconnect, puts a `GAP` event on each re-subscribed channel, in order with the
-  messages that follow, so the subscriber can back-fill what it missed;
+- after a reconnect, puts a `GAP_MARK` event on each re-subscribed channel, in order with the
+  messages that follow, so the subscriber can back-fill what it missed (chorus.broker turns
+  it into a typed `Gap`);
 - passes payloads on as bytes: nothing here decodes them, so no payload can kill the loop;
 - never awaits in `subscribe`/`unsubscribe` (broadcaster registers its queue only after
   `subscribe` returns): the command is written at once and `wait_live` says when Redis
@@ -20,7 +21,7 @@ import logging
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from broadcaster import BroadcastBackend, Event
 
@@ -29,8 +30,8 @@ from .topology import parse_redis_url
 log = logging.getLogger("chorus.backend")
 
 # Delivered as an Event's message when a channel's subscription was re-established after a
-# gap; compared by identity, so no payload from Redis can be mistaken for it.
-GAP: Final = cast(str, object())
+# gap. A str, where every payload from Redis is bytes: no payload can be mistaken for it.
+GAP_MARK: Final = "chorus:gap"
 
 BACKOFF_INITIAL: Final = 0.05
 BACKOFF_CAP: Final = 2.0
@@ -360,7 +361,7 @@ class RedisPubSubBackend(ChannelBackend):
             return
         if channel in self._resubscribing:
             self._resubscribing.discard(channel)
-            self._queue.put_nowait(Event(channel, GAP))
+            self._queue.put_nowait(Event(channel, GAP_MARK))
         event = self._live.get(channel)
         if event is not None:
             event.set()

@@ -1,4 +1,9 @@
-"""The broker: broadcaster for pub/sub plus the per-room message stream that gives ids.
+"""The broker: the one way into the message layer (pub/sub and the per-room message stream).
+
+Messages come from `Broker.subscribe(room)`: an async context manager yielding `Message`
+(a payload as published, bytes) or `Gap` (the subscription was lost and made again: back-fill
+from the stream). They are sent with `append` (stored and published in one step) and read back
+with `read_after`/`recent`. Nothing outside this module sees broadcaster or a pub/sub backend.
 
 `RedisBroker` appends to a Redis Stream and publishes in one Lua script, so pub/sub order is
 stream order and every replica sees the same id. `MemoryBroker` does the same in process for
@@ -14,11 +19,13 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
 from broadcaster import Broadcast
+from broadcaster._base import Subscriber
 from redis.exceptions import RedisError
 
 from .backend import RedisPubSubBackend
@@ -42,6 +49,10 @@ APPEND_AND_SPUBLISH: Final = APPEND_AND_PUBLISH.replace("'PUBLISH'", "'SPUBLISH'
 
 def channel_key(room: str) -> str:
     return f"chorus:msg:{{{room}}}"
+
+
+def probe_key(name: str) -> str:
+    return f"chorus:probe:{{{name}}}"
 
 
 def stream_key(room: str) -> str:
@@ -106,23 +117,84 @@ class Entry:
         return message_frame(self.raw_id, self.tail)
 
 
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A payload published on the subscribed channel, as it was published (never decoded here)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """The subscription was lost and made again: messages published meanwhile were missed."""
+
+
+GAP: Final = Gap()
+
+
+class Subscription:
+    """One channel's events in the order they were published; `Broker.subscribe` yields it."""
+
+    __slots__ = ("_broker", "_subscriber", "channel")
+
+    def __init__(self, broker: Broker, channel: str, subscriber: Subscriber) -> None:
+        self._broker = broker
+        self._subscriber = subscriber
+        self.channel = channel
+
+    async def get(self) -> Message | Gap:
+        """The next event; waits for one."""
+        message = (await self._subscriber.get()).message
+        # Payloads are always bytes; the backends' only other event is their GAP_MARK (a str).
+        return Message(message) if isinstance(message, bytes) else GAP
+
+    async def live(self) -> None:
+        """Return once messages published from now on will reach this subscription."""
+        await self._broker._wait_live(self.channel)
+
+
 class Broker(ABC):
-    """What the hub needs from the message layer."""
+    """What the hub, the probe and presence need from the message layer."""
 
     def __init__(self, broadcast: Broadcast) -> None:
-        self.broadcast = broadcast
+        self._broadcast = broadcast
 
     async def start(self) -> None:
-        await self.broadcast.connect()
+        await self._broadcast.connect()
 
     async def stop(self) -> None:
-        await self.broadcast.disconnect()
+        await self._broadcast.disconnect()
 
     @property
     def reconnects(self) -> int:
         return 0
 
-    async def wait_live(self, channel: str) -> None:  # noqa: B027 - in-process brokers are live at once
+    @asynccontextmanager
+    async def subscribe(self, room: str) -> AsyncIterator[Subscription]:
+        """Subscribe to `room`'s messages (and presence events) for the block's duration."""
+        async with self._subscribe(channel_key(room)) as subscription:
+            yield subscription
+
+    @asynccontextmanager
+    async def subscribe_probe(self, name: str) -> AsyncIterator[Subscription]:
+        """Subscribe to the readiness probe's own channel `name` (see `publish_probe`)."""
+        async with self._subscribe(probe_key(name)) as subscription:
+            yield subscription
+
+    @asynccontextmanager
+    async def _subscribe(self, channel: str) -> AsyncIterator[Subscription]:
+        async with self._broadcast.subscribe(channel) as subscriber:
+            yield Subscription(self, channel, subscriber)
+
+    async def publish_probe(self, name: str, payload: bytes) -> None:
+        """Publish `payload` on the probe channel `name`, outside any stream."""
+        await self._publish(probe_key(name), payload)
+
+    async def announce(self, room: str, payload: bytes) -> None:
+        """Publish an event to `room`'s subscribers outside its stream (presence, in one process)."""
+        await self._publish(channel_key(room), payload)
+
+    async def _wait_live(self, channel: str) -> None:  # noqa: B027 - in-process brokers are live at once
         """Return once messages published to `channel` from now on will reach this process."""
 
     @abstractmethod
@@ -142,8 +214,8 @@ class Broker(ABC):
         """The id of the room's newest message, ZERO_ID when it has none."""
 
     @abstractmethod
-    async def publish_raw(self, channel: str, payload: bytes) -> None:
-        """Publish outside any stream (the readiness self-probe)."""
+    async def _publish(self, channel: str, payload: bytes) -> None:
+        """Publish outside any stream."""
 
 
 class RedisBroker(Broker):
@@ -162,7 +234,7 @@ class RedisBroker(Broker):
                 settings.redis_url, on_connection_change=on_connection_change, resolve=self._resolver
             )
         super().__init__(Broadcast(backend=self._backend))
-        self._publish = "SPUBLISH" if topology.cluster else "PUBLISH"
+        self._publish_command = "SPUBLISH" if topology.cluster else "PUBLISH"
         # Shared with presence and the connection limiter, which the lifespan stops first.
         self.commands = RedisCommands(
             topology, timeout=self._timeout, max_in_flight=settings.redis_max_connections
@@ -185,7 +257,7 @@ class RedisBroker(Broker):
     def pubsub_connected(self) -> bool:
         return self._backend.connected
 
-    async def wait_live(self, channel: str) -> None:
+    async def _wait_live(self, channel: str) -> None:
         await self._backend.wait_live(channel)
 
     async def _call(self, coro: Awaitable[Any]) -> Any:
@@ -218,8 +290,8 @@ class RedisBroker(Broker):
         rows = await self._call(self._redis.xrevrange(stream_key(room), "+", "-", count=1))
         return StreamId.parse(rows[0][0]) if rows else ZERO_ID
 
-    async def publish_raw(self, channel: str, payload: bytes) -> None:
-        await self._call(self._redis.execute_command(self._publish, channel, payload))
+    async def _publish(self, channel: str, payload: bytes) -> None:
+        await self._call(self._redis.execute_command(self._publish_command, channel, payload))
 
 
 def _entries(rows: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:
@@ -249,7 +321,7 @@ class MemoryBroker(Broker):
         raw = str(msg_id).encode()
         entry = Entry(msg_id, raw, tail, sender)
         self._rooms.setdefault(room, deque(maxlen=self._size)).append(entry)
-        await self.broadcast.publish(channel_key(room), encode_published(sender, entry.frame))
+        await self._broadcast.publish(channel_key(room), encode_published(sender, entry.frame))
         return raw
 
     async def read_after(self, room: str, since: StreamId, limit: int) -> list[Entry] | None:
@@ -271,8 +343,8 @@ class MemoryBroker(Broker):
         entries = self._rooms.get(room)
         return entries[-1].id if entries else ZERO_ID
 
-    async def publish_raw(self, channel: str, payload: bytes) -> None:
-        await self.broadcast.publish(channel, payload)
+    async def _publish(self, channel: str, payload: bytes) -> None:
+        await self._broadcast.publish(channel, payload)
 
 
 def create_broker(settings: Settings, *, on_connection_change: Any = None) -> Broker:

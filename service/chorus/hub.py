@@ -14,11 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from broadcaster import Event
-
 from . import metrics
-from .backend import GAP
-from .broker import Broker, BrokerUnavailable, Entry, channel_key
+from .broker import Broker, BrokerUnavailable, Entry, Gap, Subscription
 from .connection import Coalescer, Connection
 from .protocol import (
     CLOSE_INTERNAL_ERROR,
@@ -35,11 +32,11 @@ RETRY_SECONDS: Final = 0.5
 
 
 class Room:
-    __slots__ = ("channel", "last_fanout", "last_id", "members", "name", "ready", "task")
+    __slots__ = ("last_fanout", "last_id", "members", "name", "ready", "subscription", "task")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.channel = channel_key(name)
+        self.subscription: Subscription | None = None  # set before `ready`
         self.members: set[Connection] = set()
         self.last_id: StreamId = ZERO_ID
         self.last_fanout = -math.inf  # time.monotonic() of the previous live fan-out
@@ -78,7 +75,8 @@ class Hub:
         try:
             async with asyncio.timeout(self.join_timeout):
                 await room.ready.wait()
-                await self.broker.wait_live(room.channel)
+                assert room.subscription is not None
+                await room.subscription.live()
         except TimeoutError:
             raise BrokerUnavailable("the room's subscription did not become live in time") from None
 
@@ -131,16 +129,17 @@ class Hub:
 
     async def _run_room(self, room: Room) -> None:
         try:
-            async with self.broker.broadcast.subscribe(room.channel) as subscriber:
-                await self.broker.wait_live(room.channel)
+            async with self.broker.subscribe(room.name) as subscription:
+                room.subscription = subscription
+                await subscription.live()
                 room.last_id = await self._retry(lambda: self.broker.last_id(room.name))
                 room.ready.set()
                 while True:
-                    event: Event = await subscriber.get()
-                    if event.message is GAP:
+                    event = await subscription.get()
+                    if isinstance(event, Gap):
                         await self._backfill(room)
                     else:
-                        self._fanout(room, event)
+                        self._fanout(room, event.payload)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -159,15 +158,14 @@ class Hub:
                 log.warning("broker unavailable (%s); retrying", exc)
                 await asyncio.sleep(RETRY_SECONDS)
 
-    def _fanout(self, room: Room, event: Event) -> None:
-        payload: bytes = event.message  # type: ignore[assignment]
+    def _fanout(self, room: Room, payload: bytes) -> None:
         try:
             msg = decode_published(payload)
         except (ValueError, UnicodeDecodeError, TypeError):
             if self._fanout_event(room, payload):
                 return
             metrics.MESSAGES_DROPPED.labels(metrics.DROP_UNDECODABLE).inc()
-            log.warning("dropped an undecodable payload on %s (%d bytes)", room.channel, len(payload or b""))
+            log.warning("dropped an undecodable payload in room %s (%d bytes)", room.name, len(payload))
             return
         if msg.id <= room.last_id:
             return  # already delivered by a back-fill

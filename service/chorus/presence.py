@@ -192,7 +192,7 @@ class MemoryPresence(Presence):
 
     async def _announce(self, room: str, event: str, name: str, online: int, sender: str) -> None:
         frame = presence_frame(room, event, name, online).encode()
-        await self._broker.publish_raw(channel_key(room), encode_published(sender.encode(), frame))
+        await self._broker.announce(room, encode_published(sender.encode(), frame))
 
 
 class RedisPresence(Presence):

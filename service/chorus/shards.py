@@ -1,7 +1,7 @@
 """Sharded pub/sub for Redis Cluster: each channel `SSUBSCRIBE`d on the shard that owns its slot.
 
 The same contract as `chorus.backend.RedisPubSubBackend` (bytes payloads, `wait_live`, a
-`GAP` event after every re-subscription, so the hub back-fills from the room's stream), with
+`GAP_MARK` event after every re-subscription, so the hub back-fills from the room's stream), with
 one connection per shard master instead of one connection in all:
 
 - the slot map comes from `CLUSTER SLOTS` on any reachable node (seeds first) and is
@@ -28,7 +28,7 @@ from redis.crc import key_slot
 from .backend import (
     BACKOFF_CAP,
     BACKOFF_INITIAL,
-    GAP,
+    GAP_MARK,
     ChannelBackend,
     RespError,
     encode_command,
@@ -294,7 +294,7 @@ class ShardedPubSubBackend(ChannelBackend):
         if channel not in self._wanted or self._owner.get(channel) is not shard:
             return
         if channel in self._confirmed_once:
-            self._queue.put_nowait(Event(channel, GAP))
+            self._queue.put_nowait(Event(channel, GAP_MARK))
         self._confirmed_once.add(channel)
         event = self._live.get(channel)
         if event is not None:
