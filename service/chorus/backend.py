@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from broadcaster import BroadcastBackend, Event
 
-from .topology import parse_redis_url
+from .topology import Topology
 
 log = logging.getLogger("chorus.backend")
 
@@ -205,7 +205,7 @@ class RedisPubSubBackend(ChannelBackend):
 
     def __init__(
         self,
-        url: str,
+        topology: Topology,
         *,
         on_connection_change: Callable[[bool], None] | None = None,
         resolve: Callable[[], Awaitable[tuple[str, int]]] | None = None,
@@ -213,7 +213,6 @@ class RedisPubSubBackend(ChannelBackend):
         super().__init__(on_connection_change)
         # `resolve` (Sentinel) names the master before each connect; the connection must then
         # find a master there, and a master that moves is a reconnect.
-        topology = parse_redis_url(url)
         self._host, self._port = topology.hosts[0]
         self._resolve = resolve
         self._address = (self._host, self._port)

@@ -19,20 +19,22 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
 from broadcaster import Broadcast
 from broadcaster._base import Subscriber
+from redis.asyncio.sentinel import Sentinel
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from .backend import RedisPubSubBackend
 from .config import Settings
 from .protocol import ZERO_ID, StreamId, encode_published, message_frame
 from .shards import ShardedPubSubBackend
-from .topology import SentinelResolver, Topology, command_client
+from .topology import SentinelResolver, Topology, command_client, sentinels
 
 log = logging.getLogger("chorus.broker")
 
@@ -43,8 +45,6 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[2]
 redis.call('PUBLISH', KEYS[2], ARGV[3] .. ' {"type":"message","id":"' .. id .. '",' .. string.sub(ARGV[2], 2))
 return id
 """
-# Redis Cluster: the room's channel is a shard channel (its hash tag puts it on the stream's shard).
-APPEND_AND_SPUBLISH: Final = APPEND_AND_PUBLISH.replace("'PUBLISH'", "'SPUBLISH'")
 
 
 def channel_key(room: str) -> str:
@@ -73,13 +73,27 @@ class RedisCommands:
     not be refused while Redis is healthy.
     """
 
-    def __init__(self, topology: Topology, *, timeout: float, max_in_flight: int) -> None:
+    def __init__(
+        self, topology: Topology, *, timeout: float, max_in_flight: int, sentinel: Sentinel | None = None
+    ) -> None:
         self.timeout = timeout
+        self.cluster = topology.cluster
         # A little headroom over the slots: the cluster client's own topology refreshes.
         self.client = command_client(
-            topology, timeout=timeout, health_check_interval=10, max_connections=max_in_flight + 4
+            topology,
+            timeout=timeout,
+            health_check_interval=10,
+            max_connections=max_in_flight + 4,
+            sentinel=sentinel,
         )
         self._slots = asyncio.Semaphore(max_in_flight)
+
+    def register_script(self, source: str) -> AsyncScript:
+        """A Lua script for this topology: in a Cluster a room's channel is a shard channel (its
+        hash tag puts it on the room's shard), so the script's `PUBLISH` becomes `SPUBLISH`."""
+        if self.cluster:
+            source = source.replace("'PUBLISH'", "'SPUBLISH'")
+        return self.client.register_script(source)
 
     async def call(self, call: Awaitable[Any]) -> Any:
         """Await one command (or script, or pipeline); BrokerUnavailable when it fails or is late."""
@@ -169,6 +183,11 @@ class Broker(ABC):
     def reconnects(self) -> int:
         return 0
 
+    @property
+    def commands(self) -> RedisCommands | None:
+        """The process's Redis command client (presence, the limiter), None without Redis."""
+        return None
+
     @asynccontextmanager
     async def subscribe(self, room: str) -> AsyncIterator[Subscription]:
         """Subscribe to `room`'s messages (and presence events) for the block's duration."""
@@ -219,33 +238,40 @@ class Broker(ABC):
 
 
 class RedisBroker(Broker):
-    def __init__(self, settings: Settings, *, on_connection_change: Any = None) -> None:
+    """The process's one Redis resource, built from the settings' one parsed Topology: the
+    pub/sub backend (plain or sharded), the command client and, for Sentinel, one Sentinel."""
+
+    def __init__(
+        self, settings: Settings, *, on_connection_change: Callable[[bool], None] | None = None
+    ) -> None:
         topology = settings.redis_topology
-        self._timeout = settings.broker_timeout_seconds
+        timeout = settings.broker_timeout_seconds
         self._maxlen = str(settings.history_size)
-        self._resolver: SentinelResolver | None = None
+        sentinel = sentinels(topology, timeout=timeout) if topology.mode == "sentinel" else None
+        self._resolver = SentinelResolver(topology, sentinel) if sentinel is not None else None
         self._backend: RedisPubSubBackend | ShardedPubSubBackend
         if topology.cluster:
             self._backend = ShardedPubSubBackend(topology, on_connection_change=on_connection_change)
         else:
-            if topology.mode == "sentinel":
-                self._resolver = SentinelResolver(topology, timeout=self._timeout)
             self._backend = RedisPubSubBackend(
-                settings.redis_url, on_connection_change=on_connection_change, resolve=self._resolver
+                topology, on_connection_change=on_connection_change, resolve=self._resolver
             )
         super().__init__(Broadcast(backend=self._backend))
         self._publish_command = "SPUBLISH" if topology.cluster else "PUBLISH"
         # Shared with presence and the connection limiter, which the lifespan stops first.
-        self.commands = RedisCommands(
-            topology, timeout=self._timeout, max_in_flight=settings.redis_max_connections
+        self._commands = RedisCommands(
+            topology, timeout=timeout, max_in_flight=settings.redis_max_connections, sentinel=sentinel
         )
-        self._redis = self.commands.client
-        script = APPEND_AND_SPUBLISH if topology.cluster else APPEND_AND_PUBLISH
-        self._append = self._redis.register_script(script)
+        self._redis = self._commands.client
+        self._append = self._commands.register_script(APPEND_AND_PUBLISH)
+
+    @property
+    def commands(self) -> RedisCommands:
+        return self._commands
 
     async def stop(self) -> None:
         await super().stop()
-        await self.commands.aclose()
+        await self._commands.aclose()
         if self._resolver is not None:
             await self._resolver.aclose()
 
@@ -261,7 +287,7 @@ class RedisBroker(Broker):
         await self._backend.wait_live(channel)
 
     async def _call(self, coro: Awaitable[Any]) -> Any:
-        return await self.commands.call(coro)
+        return await self._commands.call(coro)
 
     async def append(self, room: str, tail: bytes, sender: bytes) -> bytes:
         keys = [stream_key(room), channel_key(room)]
@@ -306,9 +332,17 @@ class MemoryBroker(Broker):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(Broadcast("memory://"))
+        self._replica = settings.replica_name
         self._size = settings.history_size
         self._rooms: dict[str, deque[Entry]] = {}
         self._last = ZERO_ID
+
+    async def start(self) -> None:
+        log.warning(
+            "CHORUS_REDIS_URL is not set: using the in-process memory broker; "
+            "messages will not reach other replicas, run a single replica only"
+        )
+        await super().start()
 
     def _next_id(self) -> StreamId:
         ms = int(time.time() * 1000)
@@ -347,11 +381,13 @@ class MemoryBroker(Broker):
         await self._broadcast.publish(channel, payload)
 
 
-def create_broker(settings: Settings, *, on_connection_change: Any = None) -> Broker:
+def create_broker(
+    settings: Settings, *, on_connection_change: Callable[[bool], None] | None = None
+) -> Broker:
+    """The process's broker: Redis when `CHORUS_REDIS_URL` is set, else the in-process one.
+
+    `on_connection_change(up)` hears the pub/sub connection come and go (the readiness probe).
+    """
     if settings.uses_redis:
         return RedisBroker(settings, on_connection_change=on_connection_change)
-    log.warning(
-        "CHORUS_REDIS_URL is not set: using the in-process memory broker; "
-        "messages will not reach other replicas, run a single replica only"
-    )
     return MemoryBroker(settings)

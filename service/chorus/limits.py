@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any, Final
 
-from .broker import Broker, BrokerUnavailable, RedisBroker, RedisCommands
+from .broker import Broker, BrokerUnavailable, RedisCommands
 from .config import Settings
 
 log = logging.getLogger("chorus.limits")
@@ -70,7 +70,7 @@ class RedisUserLimiter(UserLimiter):
         self._lease = settings.connection_lease_seconds
         self._commands = commands
         self._redis = commands.client
-        self._acquire = self._redis.register_script(ACQUIRE)
+        self._acquire = commands.register_script(ACQUIRE)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -120,6 +120,7 @@ class RedisUserLimiter(UserLimiter):
 
 
 def create_user_limiter(settings: Settings, broker: Broker) -> UserLimiter:
-    if isinstance(broker, RedisBroker) and settings.max_connections_per_user:
-        return RedisUserLimiter(settings, broker.commands)
+    commands = broker.commands
+    if commands is not None and settings.max_connections_per_user:
+        return RedisUserLimiter(settings, commands)
     return UserLimiter(settings.max_connections_per_user)

@@ -22,7 +22,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .broker import Broker, BrokerUnavailable, RedisBroker, RedisCommands, channel_key
+from .broker import Broker, BrokerUnavailable, RedisCommands, channel_key
 from .config import Settings
 from .protocol import encode_published, presence_frame, user_key
 
@@ -203,15 +203,13 @@ class RedisPresence(Presence):
         self.owner = owner
         self.interval = settings.presence_heartbeat_seconds
         self._ttl_ms = int(self.interval * HEARTBEATS_TO_EXPIRE * 1000)
-        topology = settings.redis_topology
         self._commands = commands
         self._redis = commands.client
-        # Each script's keys share the room's hash tag (one slot); in a Cluster the room's
-        # channel is a shard channel, so announcements go out with SPUBLISH.
-        publish = (lambda script: script.replace("'PUBLISH'", "'SPUBLISH'")) if topology.cluster else str
-        self._join = self._redis.register_script(publish(JOIN))
-        self._leave = self._redis.register_script(publish(LEAVE))
-        self._reap = self._redis.register_script(publish(REAP))
+        # Each script's keys share the room's hash tag (one slot); announcements go out on the
+        # room's channel (register_script makes them SPUBLISH in a Cluster).
+        self._join = commands.register_script(JOIN)
+        self._leave = commands.register_script(LEAVE)
+        self._reap = commands.register_script(REAP)
         self._local: dict[str, Member] = {}
         self._unremoved: dict[str, Member] = {}
         self._task: asyncio.Task[None] | None = None
@@ -301,6 +299,7 @@ class RedisPresence(Presence):
 
 
 def create_presence(settings: Settings, broker: Broker, *, owner: str) -> Presence:
-    if isinstance(broker, RedisBroker):
-        return RedisPresence(settings, broker.commands, owner=owner)
+    commands = broker.commands
+    if commands is not None:
+        return RedisPresence(settings, commands, owner=owner)
     return MemoryPresence(broker)

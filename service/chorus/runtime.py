@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import logging
 import random
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import TypedDict
@@ -36,9 +35,10 @@ class Runtime:
     presence: Presence
     gatekeeper: Gatekeeper
     limiter: UserLimiter
+    # Every connection tag starts with it (`next_tag`); presence names this process's entries by it.
+    tag_prefix: bytes
     # Sockets accepted or being accepted on this replica (the CHORUS_MAX_CONNECTIONS count).
     sockets: int = 0
-    tag_prefix: bytes = field(default_factory=lambda: secrets.token_hex(4).encode())
     _tags: itertools.count[int] = field(default_factory=itertools.count)
     _drained: asyncio.Event = field(default_factory=asyncio.Event)
 

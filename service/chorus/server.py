@@ -105,8 +105,17 @@ class ChorusWorker(UvicornWorker):
         super().__init__(*args, **kwargs)
         from .config import load_settings
 
-        for key, value in server_options(load_settings()).items():
+        # The worker's one read of the environment: its server options and its app both use it.
+        self.settings = load_settings()
+        for key, value in server_options(self.settings).items():
             setattr(self.config, key, value)
+
+    def load_wsgi(self) -> None:
+        """Build the app from this worker's settings (not gunicorn's `chorus.app:create_app()`,
+        which would read the environment a second time)."""
+        from .app import create_app
+
+        self.wsgi = create_app(self.settings)
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi
