@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from chorus import metrics
-from chorus.backend import RespError, RespParser, encode_command
 from chorus.config import Settings, SettingsError, load_settings, redact_url
 from chorus.logs import redact
 from chorus.protocol import (
@@ -22,6 +21,7 @@ from chorus.protocol import (
     parse_client_frame,
     parse_since,
 )
+from chorus.resp import RespError, RespParser, encode_command
 from chorus.security import host_allowed
 
 

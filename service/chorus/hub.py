@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, TypeVar
 
 from . import metrics
 from .broker import Broker, BrokerUnavailable, Entry, Gap, Subscription
@@ -29,6 +29,7 @@ from .protocol import (
 log = logging.getLogger("chorus.hub")
 
 RETRY_SECONDS: Final = 0.5
+T = TypeVar("T")
 
 
 class Room:
@@ -132,7 +133,7 @@ class Hub:
             async with self.broker.subscribe(room.name) as subscription:
                 room.subscription = subscription
                 await subscription.live()
-                room.last_id = await self._retry(lambda: self.broker.last_id(room.name))
+                room.last_id = await self._retry(f"room {room.name}", lambda: self.broker.last_id(room.name))
                 room.ready.set()
                 while True:
                     event = await subscription.get()
@@ -150,12 +151,13 @@ class Hub:
                 del self.rooms[room.name]
                 metrics.ROOMS.dec()
 
-    async def _retry(self, call: Callable[[], Awaitable[StreamId]]) -> StreamId:
+    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()` until the broker answers: a room's subscription outlives a Redis outage."""
         while True:
             try:
                 return await call()
             except BrokerUnavailable as exc:
-                log.warning("broker unavailable (%s); retrying", exc)
+                log.warning("%s: broker unavailable (%s); retrying", what, exc)
                 await asyncio.sleep(RETRY_SECONDS)
 
     def _fanout(self, room: Room, payload: bytes) -> None:
@@ -198,7 +200,10 @@ class Hub:
         return True
 
     async def _backfill(self, room: Room) -> None:
-        entries = await self._retry_entries(room)
+        entries = await self._retry(
+            f"back-fill of {room.name}",
+            lambda: self.broker.read_after(room.name, room.last_id, self.replay_limit),
+        )
         if entries is None:
             log.warning("room %s: history no longer holds %s; sending resync", room.name, room.last_id)
             frame = resync_frame(room.name)
@@ -206,7 +211,7 @@ class Hub:
                 if conn.pending is None:
                     conn.offer(frame, force=True)
             metrics.RESYNCS.inc(len(room.members))
-            room.last_id = await self._retry(lambda: self.broker.last_id(room.name))
+            room.last_id = await self._retry(f"room {room.name}", lambda: self.broker.last_id(room.name))
             return
         for entry in entries:
             sender = self._by_tag.get(entry.sender)
@@ -220,11 +225,3 @@ class Hub:
         if entries:
             log.info("room %s: back-filled %d messages after a pub/sub gap", room.name, len(entries))
         metrics.BROKER_BACKFILLED.inc(len(entries))
-
-    async def _retry_entries(self, room: Room) -> list[Entry] | None:
-        while True:
-            try:
-                return await self.broker.read_after(room.name, room.last_id, self.replay_limit)
-            except BrokerUnavailable as exc:
-                log.warning("back-fill of %s: broker unavailable (%s); retrying", room.name, exc)
-                await asyncio.sleep(RETRY_SECONDS)
