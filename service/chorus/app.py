@@ -25,7 +25,7 @@ from .hub import Hub
 from .limits import create_user_limiter
 from .logs import configure_logging
 from .presence import create_presence
-from .protocol import API_HISTORY_DEFAULT, API_HISTORY_MAX, ROOM_RULE, is_room
+from .protocol import API_HISTORY_DEFAULT, API_HISTORY_MAX, REJECT_BAD_REQUEST, ROOM_RULE, is_room
 from .runtime import Runtime, State, runtime_of
 from .security import Gatekeeper, Identity, Rejection
 from .session import ChatSockets
@@ -173,7 +173,7 @@ async def reader(request: Request, room: str) -> Identity:
     """Every HTTP read of a room passes here first: the room's name, then the WebSocket's auth rules."""
     try:
         if not is_room(room):
-            raise Rejection(400, metrics.REJECT_BAD_REQUEST, ROOM_RULE)
+            raise Rejection(400, REJECT_BAD_REQUEST, ROOM_RULE)
         return runtime_of(request).gatekeeper.identify_reader(request.headers, request.query_params, room)
     except Rejection as rejection:
         raise RoomReadRefused(rejection) from None

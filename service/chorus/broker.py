@@ -30,6 +30,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from . import keys
 from .backend import RedisPubSubBackend
 from .config import Settings
 from .protocol import ZERO_ID, StreamId, encode_published, message_frame
@@ -45,18 +46,6 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[2]
 redis.call('PUBLISH', KEYS[2], ARGV[3] .. ' {"type":"message","id":"' .. id .. '",' .. string.sub(ARGV[2], 2))
 return id
 """
-
-
-def channel_key(room: str) -> str:
-    return f"chorus:msg:{{{room}}}"
-
-
-def probe_key(name: str) -> str:
-    return f"chorus:probe:{{{name}}}"
-
-
-def stream_key(room: str) -> str:
-    return f"chorus:stream:{{{room}}}"
 
 
 class BrokerUnavailable(Exception):
@@ -191,13 +180,13 @@ class Broker(ABC):
     @asynccontextmanager
     async def subscribe(self, room: str) -> AsyncIterator[Subscription]:
         """Subscribe to `room`'s messages (and presence events) for the block's duration."""
-        async with self._subscribe(channel_key(room)) as subscription:
+        async with self._subscribe(keys.channel(room)) as subscription:
             yield subscription
 
     @asynccontextmanager
     async def subscribe_probe(self, name: str) -> AsyncIterator[Subscription]:
         """Subscribe to the readiness probe's own channel `name` (see `publish_probe`)."""
-        async with self._subscribe(probe_key(name)) as subscription:
+        async with self._subscribe(keys.probe(name)) as subscription:
             yield subscription
 
     @asynccontextmanager
@@ -207,11 +196,11 @@ class Broker(ABC):
 
     async def publish_probe(self, name: str, payload: bytes) -> None:
         """Publish `payload` on the probe channel `name`, outside any stream."""
-        await self._publish(probe_key(name), payload)
+        await self._publish(keys.probe(name), payload)
 
     async def announce(self, room: str, payload: bytes) -> None:
         """Publish an event to `room`'s subscribers outside its stream (presence, in one process)."""
-        await self._publish(channel_key(room), payload)
+        await self._publish(keys.channel(room), payload)
 
     async def _wait_live(self, channel: str) -> None:  # noqa: B027 - in-process brokers are live at once
         """Return once messages published to `channel` from now on will reach this process."""
@@ -290,12 +279,12 @@ class RedisBroker(Broker):
         return await self._commands.call(coro)
 
     async def append(self, room: str, tail: bytes, sender: bytes) -> bytes:
-        keys = [stream_key(room), channel_key(room)]
-        result: bytes = await self._call(self._append(keys=keys, args=[self._maxlen, tail, sender]))
+        room_keys = [keys.stream(room), keys.channel(room)]
+        result: bytes = await self._call(self._append(keys=room_keys, args=[self._maxlen, tail, sender]))
         return result
 
     async def read_after(self, room: str, since: StreamId, limit: int) -> list[Entry] | None:
-        key = stream_key(room)
+        key = keys.stream(room)
         if since == ZERO_ID:
             return _entries(await self._call(self._redis.xrange(key, "-", "+", count=limit)))
         # One XRANGE from the anchor itself: atomic on every topology (a Cluster has no MULTI
@@ -309,11 +298,11 @@ class RedisBroker(Broker):
     async def recent(self, room: str, count: int) -> list[Entry]:
         if count <= 0:
             return []
-        rows = await self._call(self._redis.xrevrange(stream_key(room), "+", "-", count=count))
+        rows = await self._call(self._redis.xrevrange(keys.stream(room), "+", "-", count=count))
         return _entries(rows[::-1])
 
     async def last_id(self, room: str) -> StreamId:
-        rows = await self._call(self._redis.xrevrange(stream_key(room), "+", "-", count=1))
+        rows = await self._call(self._redis.xrevrange(keys.stream(room), "+", "-", count=1))
         return StreamId.parse(rows[0][0]) if rows else ZERO_ID
 
     async def _publish(self, channel: str, payload: bytes) -> None:
@@ -355,7 +344,7 @@ class MemoryBroker(Broker):
         raw = str(msg_id).encode()
         entry = Entry(msg_id, raw, tail, sender)
         self._rooms.setdefault(room, deque(maxlen=self._size)).append(entry)
-        await self._broadcast.publish(channel_key(room), encode_published(sender, entry.frame))
+        await self._broadcast.publish(keys.channel(room), encode_published(sender, entry.frame))
         return raw
 
     async def read_after(self, room: str, since: StreamId, limit: int) -> list[Entry] | None:
