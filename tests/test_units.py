@@ -22,6 +22,7 @@ from chorus.protocol import (
     parse_since,
 )
 from chorus.resp import RespError, RespParser, encode_command
+from chorus.runtime import STATE_KEY, State, runtime_in
 from chorus.security import host_allowed
 
 
@@ -182,3 +183,8 @@ def test_docs_list_every_close_label_and_rejection_reason() -> None:
         assert f"`{reason}`" in security, reason
     for label in CLOSE_LABELS:
         assert f"{label}" in readme and f"{label}" in security, label
+
+
+def test_the_lifespan_state_key_is_the_typed_one() -> None:
+    assert set(State.__annotations__) == {STATE_KEY}
+    assert runtime_in({}) is None

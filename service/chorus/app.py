@@ -26,7 +26,7 @@ from .limits import create_user_limiter
 from .logs import configure_logging
 from .presence import create_presence
 from .protocol import API_HISTORY_DEFAULT, API_HISTORY_MAX, REJECT_BAD_REQUEST, ROOM_RULE, is_room
-from .runtime import Runtime, State, runtime_of
+from .runtime import Runtime, State, lifespan_state, runtime_of
 from .security import Gatekeeper, Identity, Rejection
 from .session import ChatSockets
 
@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.redis_url_redacted,
         )
         try:
-            yield {"chorus": runtime}
+            yield lifespan_state(runtime)
         finally:
             for task in (probe, gauges):
                 task.cancel()

@@ -7,8 +7,9 @@ import itertools
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import Any, Final, TypedDict
 
 from fastapi import Request, WebSocket
 
@@ -70,8 +71,25 @@ class Runtime:
         self._drained.set()
 
 
+# The lifespan state's one key; `State` spells it for the type checker (a test keeps them equal).
+STATE_KEY: Final = "chorus"
+
+
 class State(TypedDict):
+    """The lifespan state: the app's Runtime under STATE_KEY."""
+
     chorus: Runtime
+
+
+def lifespan_state(runtime: Runtime) -> State:
+    """What the lifespan yields: starlette copies it into every request's `state`."""
+    return State(chorus=runtime)
+
+
+def runtime_in(state: Mapping[str, Any]) -> Runtime | None:
+    """The Runtime in a lifespan state (uvicorn's `lifespan.state`); None before startup."""
+    runtime = state.get(STATE_KEY)
+    return runtime if isinstance(runtime, Runtime) else None
 
 
 def runtime_of(conn: Request | WebSocket) -> Runtime:

@@ -20,6 +20,7 @@ from uvicorn_worker import UvicornWorker
 
 from .config import Settings
 from .httpguard import HeadLimits, guarded_http
+from .runtime import runtime_in
 
 log = logging.getLogger("chorus.server")
 
@@ -77,7 +78,7 @@ class ChorusServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         try:
-            runtime = self.lifespan.state.get("chorus") if hasattr(self, "lifespan") else None
+            runtime = runtime_in(self.lifespan.state) if hasattr(self, "lifespan") else None
             if runtime is not None:
                 await runtime.drain()
         except Exception:
