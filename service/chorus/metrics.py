@@ -79,15 +79,10 @@ DROP_SLOW_CONSUMER: Final = "slow_consumer"
 DROP_BROKER_UNAVAILABLE: Final = "broker_unavailable"
 DROP_UNDECODABLE: Final = "undecodable"
 DROP_RATE_LIMITED: Final = "rate_limited"
+# Every DROP_* above (collected, not listed again) and the two error codes.
 DROP_REASONS: Final = frozenset(
-    {
-        DROP_SLOW_CONSUMER,
-        DROP_BROKER_UNAVAILABLE,
-        DROP_UNDECODABLE,
-        DROP_RATE_LIMITED,
-        protocol.ERROR_INVALID,
-        protocol.ERROR_TOO_LARGE,
-    }
+    [value for name, value in dict(globals()).items() if name.startswith("DROP_")]
+    + [protocol.ERROR_INVALID, protocol.ERROR_TOO_LARGE]
 )
 
 

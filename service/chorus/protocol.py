@@ -103,25 +103,9 @@ REJECT_HEAD_TIMEOUT: Final = "head_timeout"
 REJECT_TOO_MANY_PENDING: Final = "too_many_pending"
 REJECT_URL_TOO_LONG: Final = "url_too_long"
 REJECT_HEADERS_TOO_LARGE: Final = "headers_too_large"
+# Every REJECT_* above, collected rather than listed a second time.
 REJECTION_REASONS: Final = frozenset(
-    {
-        REJECT_BAD_REQUEST,
-        REJECT_UNAUTHORIZED,
-        REJECT_FORBIDDEN_ROOM,
-        REJECT_ORIGIN,
-        REJECT_HOST,
-        REJECT_DRAINING,
-        REJECT_MAX_CONNECTIONS,
-        REJECT_MAX_CONNECTIONS_PER_USER,
-        REJECT_BINARY,
-        REJECT_FLOOD,
-        REJECT_INVALID_UTF8,
-        REJECT_FRAME_TOO_LARGE,
-        REJECT_HEAD_TIMEOUT,
-        REJECT_TOO_MANY_PENDING,
-        REJECT_URL_TOO_LONG,
-        REJECT_HEADERS_TOO_LARGE,
-    }
+    value for name, value in dict(globals()).items() if name.startswith("REJECT_")
 )
 
 _MESSAGE_PREFIX: Final = b'{"type":"message","id":"'
