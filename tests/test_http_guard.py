@@ -17,7 +17,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from chorus import metrics
+from chorus import protocol
 from chorus.config import Settings, SettingsError, load_settings
 from chorus.devcluster import LocalCluster, http_status
 from chorus.httpguard import PINNED_UVICORN, UVICORN_INTERNALS, GuardedHttpProtocol, HeadLimits, guarded_http
@@ -235,7 +235,7 @@ def test_every_keep_alive_request_has_a_head_deadline(make_cluster: Callable[...
     assert read_response(reuse).startswith(b"HTTP/1.1 200")
     for sock in (trickle, blanks, reuse):
         sock.close()
-    assert rejections(port, metrics.REJECT_HEAD_TIMEOUT) >= 2
+    assert rejections(port, protocol.REJECT_HEAD_TIMEOUT) >= 2
 
 
 def test_idle_keep_alive_connection_is_closed(make_cluster: Callable[..., LocalCluster]) -> None:
@@ -288,7 +288,7 @@ def test_connections_waiting_for_a_head_are_capped(make_cluster: Callable[..., L
             time.sleep(0.1)
         assert set(range(40)) <= closed, "the sockets that waited longest go first"
         assert http_status(cluster.replica_url(0) + "/livez", timeout=3) == 200
-        assert rejections(port, metrics.REJECT_TOO_MANY_PENDING) >= 40
+        assert rejections(port, protocol.REJECT_TOO_MANY_PENDING) >= 40
     finally:
         for sock in silent:
             sock.close()
@@ -347,7 +347,7 @@ def test_long_request_line_gets_414_early_with_bounded_memory(
     assert status == 414
     assert headers["connection"] == "close"
     assert detail == "the request target is longer than 8192 bytes"
-    assert rejections(port, metrics.REJECT_URL_TOO_LONG) >= len(statuses)
+    assert rejections(port, protocol.REJECT_URL_TOO_LONG) >= len(statuses)
 
 
 def test_oversized_headers_get_431(make_cluster: Callable[..., LocalCluster]) -> None:
@@ -383,7 +383,7 @@ def test_oversized_headers_get_431(make_cluster: Callable[..., LocalCluster]) ->
             + b"\r\n\r\n"
         )
         assert read_response(sock).startswith(b"HTTP/1.1 200")
-    assert rejections(port, metrics.REJECT_HEADERS_TOO_LARGE) == 2
+    assert rejections(port, protocol.REJECT_HEADERS_TOO_LARGE) == 2
 
 
 @pytest.mark.slow
@@ -420,10 +420,10 @@ def test_front_door_settings_and_reasons_are_documented() -> None:
         assert row in readme, f"README settings table: no row {row!r}"
         assert f"| `CHORUS_{field.upper()}` | {default:g} |" in security
     for reason in (
-        metrics.REJECT_HEAD_TIMEOUT,
-        metrics.REJECT_TOO_MANY_PENDING,
-        metrics.REJECT_URL_TOO_LONG,
-        metrics.REJECT_HEADERS_TOO_LARGE,
+        protocol.REJECT_HEAD_TIMEOUT,
+        protocol.REJECT_TOO_MANY_PENDING,
+        protocol.REJECT_URL_TOO_LONG,
+        protocol.REJECT_HEADERS_TOO_LARGE,
     ):
         assert f"`{reason}`" in security, f"docs/security.md does not list the rejection reason {reason}"
 

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from chorus import metrics
-from chorus.backend import RespError, RespParser, encode_command
 from chorus.config import Settings, SettingsError, load_settings, redact_url
 from chorus.logs import redact
 from chorus.protocol import (
     CLOSE_LABELS,
+    REJECTION_REASONS,
     ProtocolError,
     StreamId,
     close_label,
@@ -22,6 +21,8 @@ from chorus.protocol import (
     parse_client_frame,
     parse_since,
 )
+from chorus.resp import RespError, RespParser, encode_command
+from chorus.runtime import STATE_KEY, State, runtime_in
 from chorus.security import host_allowed
 
 
@@ -176,9 +177,14 @@ def test_docs_list_every_close_label_and_rejection_reason() -> None:
     root = Path(__file__).resolve().parents[1]
     security = (root / "docs" / "security.md").read_text()
     readme = (root / "README.md").read_text()
-    reasons = [value for name, value in vars(metrics).items() if name.startswith("REJECT_")]
+    reasons = sorted(REJECTION_REASONS)
     assert "host" in reasons
     for reason in reasons:
         assert f"`{reason}`" in security, reason
     for label in CLOSE_LABELS:
         assert f"{label}" in readme and f"{label}" in security, label
+
+
+def test_the_lifespan_state_key_is_the_typed_one() -> None:
+    assert set(State.__annotations__) == {STATE_KEY}
+    assert runtime_in({}) is None

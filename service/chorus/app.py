@@ -25,8 +25,8 @@ from .hub import Hub
 from .limits import create_user_limiter
 from .logs import configure_logging
 from .presence import create_presence
-from .protocol import API_HISTORY_DEFAULT, API_HISTORY_MAX, ROOM_RULE, is_room
-from .runtime import Runtime, State, runtime_of
+from .protocol import API_HISTORY_DEFAULT, API_HISTORY_MAX, REJECT_BAD_REQUEST, ROOM_RULE, is_room
+from .runtime import Runtime, State, lifespan_state, runtime_of
 from .security import Gatekeeper, Identity, Rejection
 from .session import ChatSockets
 
@@ -39,34 +39,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the ASGI app; every test can build its own with its own settings."""
     settings = settings or load_settings()
     gatekeeper = Gatekeeper(settings)  # one for the WebSocket handshakes and the HTTP routes
+    # The replica's long-lived parts, built once here from one Settings: one broker (the
+    # process's one Redis resource, from the settings' one parsed Topology), and what uses it.
+    # The lifespan only starts and stops them.
+    health: Health | None = None
+
+    def connection_changed(up: bool) -> None:
+        if health is not None:
+            health.connection_changed(up)
+
+    broker = create_broker(settings, on_connection_change=connection_changed)
+    health = Health(
+        broker,
+        replica=settings.replica_name,
+        interval=settings.probe_interval_seconds,
+        timeout=settings.probe_timeout_seconds,
+    )
+    hub = Hub(
+        broker,
+        join_timeout=5.0,
+        replay_limit=settings.history_size,
+        coalesce_seconds=settings.coalesce_seconds,
+    )
+    # Presence entries are named by connection tag, so they share the tags' prefix.
+    tag_prefix = secrets.token_hex(4).encode()
+    presence = create_presence(settings, broker, owner=tag_prefix.decode())
+    limiter = create_user_limiter(settings, broker)
+    runtime = Runtime(settings, broker, hub, health, presence, gatekeeper, limiter, tag_prefix=tag_prefix)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         configure_logging(settings)
-        health: Health | None = None
-
-        def connection_changed(up: bool) -> None:
-            if health is not None:
-                health.connection_changed(up)
-
-        broker = create_broker(settings, on_connection_change=connection_changed)
-        health = Health(
-            broker,
-            replica=settings.replica_name,
-            interval=settings.probe_interval_seconds,
-            timeout=settings.probe_timeout_seconds,
-        )
-        hub = Hub(
-            broker,
-            join_timeout=5.0,
-            replay_limit=settings.history_size,
-            coalesce_seconds=settings.coalesce_seconds,
-        )
-        # Presence entries are named by connection tag, so they share the tags' prefix.
-        tag_prefix = secrets.token_hex(4).encode()
-        presence = create_presence(settings, broker, owner=tag_prefix.decode())
-        limiter = create_user_limiter(settings, broker)
-        runtime = Runtime(settings, broker, hub, health, presence, gatekeeper, limiter, tag_prefix=tag_prefix)
         await broker.start()
         await presence.start()
         await limiter.start()
@@ -79,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.redis_url_redacted,
         )
         try:
-            yield {"chorus": runtime}
+            yield lifespan_state(runtime)
         finally:
             for task in (probe, gauges):
                 task.cancel()
@@ -170,7 +173,7 @@ async def reader(request: Request, room: str) -> Identity:
     """Every HTTP read of a room passes here first: the room's name, then the WebSocket's auth rules."""
     try:
         if not is_room(room):
-            raise Rejection(400, metrics.REJECT_BAD_REQUEST, ROOM_RULE)
+            raise Rejection(400, REJECT_BAD_REQUEST, ROOM_RULE)
         return runtime_of(request).gatekeeper.identify_reader(request.headers, request.query_params, room)
     except Rejection as rejection:
         raise RoomReadRefused(rejection) from None

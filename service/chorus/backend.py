@@ -5,8 +5,9 @@ the connection drops, and dies on one non-UTF-8 payload. This backend speaks RES
 connection of its own (no redis-py pub/sub state machine in the way) and:
 
 - reconnects with capped, jittered exponential backoff and re-subscribes every wanted channel;
-- after a reconnect, puts a `GAP` event on each re-subscribed channel, in order with the
-  messages that follow, so the subscriber can back-fill what it missed;
+- after a reconnect, puts a `GAP_MARK` event on each re-subscribed channel, in order with the
+  messages that follow, so the subscriber can back-fill what it missed (chorus.broker turns
+  it into a typed `Gap`);
 - passes payloads on as bytes: nothing here decodes them, so no payload can kill the loop;
 - never awaits in `subscribe`/`unsubscribe` (broadcaster registers its queue only after
   `subscribe` returns): the command is written at once and `wait_live` says when Redis
@@ -20,99 +21,27 @@ import logging
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from broadcaster import BroadcastBackend, Event
 
-from .topology import parse_redis_url
+from .resp import RespError, RespParser, encode_command
+from .topology import Topology
 
 log = logging.getLogger("chorus.backend")
 
 # Delivered as an Event's message when a channel's subscription was re-established after a
-# gap; compared by identity, so no payload from Redis can be mistaken for it.
-GAP: Final = cast(str, object())
+# gap. A str, where every payload from Redis is bytes: no payload can be mistaken for it.
+GAP_MARK: Final = "chorus:gap"
 
 BACKOFF_INITIAL: Final = 0.05
 BACKOFF_CAP: Final = 2.0
+# Errors that mean "this connection is gone": reconnect (with backoff), never crash.
+CONNECTION_ERRORS: Final = (OSError, ConnectionError, RespError, asyncio.IncompleteReadError, TimeoutError)
 CONNECT_TIMEOUT: Final = 2.0
 # Redis sends nothing on an idle pub/sub connection; PING every so often so a dead peer
 # (no RST, e.g. a network partition) is noticed.
 KEEPALIVE_SECONDS: Final = 5.0
-
-
-class RespError(Exception):
-    pass
-
-
-def encode_command(*args: bytes | str) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode() if isinstance(arg, str) else arg
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
-
-
-class RespParser:
-    """Incremental RESP2 parser for the replies a pub/sub connection sees."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._pos = 0
-
-    def feed(self, data: bytes) -> None:
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
-
-    def replies(self) -> list[Any]:
-        out: list[Any] = []
-        while True:
-            start = self._pos
-            try:
-                item = self._parse()
-            except _Incomplete:
-                self._pos = start
-                return out
-            out.append(item)
-
-    def _line(self) -> bytes:
-        end = self._buf.find(b"\r\n", self._pos)
-        if end < 0:
-            raise _Incomplete
-        line = bytes(self._buf[self._pos : end])
-        self._pos = end + 2
-        return line
-
-    def _parse(self) -> Any:
-        line = self._line()
-        if not line:
-            raise RespError("empty RESP line")
-        kind, rest = line[:1], line[1:]
-        if kind == b"$":
-            size = int(rest)
-            if size < 0:
-                return None
-            end = self._pos + size
-            if len(self._buf) < end + 2:
-                raise _Incomplete
-            data = bytes(self._buf[self._pos : end])
-            self._pos = end + 2
-            return data
-        if kind == b"*":
-            count = int(rest)
-            return None if count < 0 else [self._parse() for _ in range(count)]
-        if kind == b":":
-            return int(rest)
-        if kind == b"+":
-            return rest
-        if kind == b"-":
-            return RespError(rest.decode(errors="replace"))
-        raise RespError(f"unexpected RESP type {kind!r}")
-
-
-class _Incomplete(Exception):
-    pass
 
 
 async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *command: bytes | str) -> Any:
@@ -167,17 +96,86 @@ async def reply_batches(
         yield parser.replies()
 
 
-class ChannelBackend(BroadcastBackend):
-    """What Chorus's pub/sub backends share: the queue broadcaster reads, and per channel an
-    event saying that Redis has confirmed the subscription."""
+class Backoff:
+    """Capped exponential backoff with full jitter: retry n waits `uniform(0, min(cap, base * 2**n))`.
 
-    def __init__(self, on_connection_change: Callable[[bool], None] | None) -> None:
+    Full jitter spreads a fleet of replicas' reconnects over the whole window, so they do not
+    come back in lockstep when Redis does (AWS Architecture Blog, "Exponential Backoff And
+    Jitter"). `reset` after a success.
+    """
+
+    __slots__ = ("_attempt", "base", "cap")
+
+    def __init__(self, base: float = BACKOFF_INITIAL, cap: float = BACKOFF_CAP) -> None:
+        self.base = base
+        self.cap = cap
+        self._attempt = 0
+
+    @property
+    def ceiling(self) -> float:
+        """The longest the next wait may be."""
+        return min(self.cap, self.base * 2.0**self._attempt)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+    async def wait(self) -> None:
+        delay = random.uniform(0, self.ceiling)
+        if self.ceiling < self.cap:
+            self._attempt += 1
+        await asyncio.sleep(delay)
+
+
+class ChannelBackend(BroadcastBackend):
+    """What Chorus's pub/sub backends share: the queue broadcaster reads, the channels wanted
+    and per channel an event saying that Redis has confirmed the subscription, the credentials
+    every connection uses, the connection task, and the dispatch of a read's replies."""
+
+    # Reply kinds: a payload, and the confirmations of subscribe and unsubscribe.
+    MESSAGE_KIND: bytes = b"message"
+    CONFIRM_KINDS: tuple[bytes, bytes] = (b"subscribe", b"unsubscribe")
+
+    def __init__(self, topology: Topology, on_connection_change: Callable[[bool], None] | None) -> None:
         # BroadcastBackend.__init__ only raises NotImplementedError: not called.
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._live: dict[str, asyncio.Event] = {}
+        self._wanted: set[str] = set()
         self._on_connection_change = on_connection_change
+        self._username = topology.username
+        self._password = topology.password or None
+        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if topology.tls else None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._backoff = Backoff()
         self.connected = False
         self.reconnects = 0
+
+    async def _open_node(self, address: tuple[str, int]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new authenticated connection to one Redis node."""
+        return await open_authenticated(
+            *address, tls=self._ssl, username=self._username, password=self._password
+        )
+
+    def _dispatch(self, batch: list[Any], confirmed: Callable[[str, bool], None]) -> None:
+        """Hand one read's replies on: payloads to broadcaster's queue, each (un)subscribe
+        confirmation to `confirmed(channel, unsubscribed)`, error replies to `_error_reply`."""
+        put = self._queue.put_nowait
+        message_kind = self.MESSAGE_KIND
+        subscribed, unsubscribed = self.CONFIRM_KINDS
+        for reply in batch:
+            if isinstance(reply, RespError):
+                self._error_reply(reply)
+                continue
+            if not isinstance(reply, list) or len(reply) < 3:
+                continue
+            kind = reply[0]
+            if kind == message_kind:
+                put(Event(reply[1].decode(errors="replace"), reply[2]))
+            elif kind in (subscribed, unsubscribed):
+                confirmed(reply[1].decode(errors="replace"), kind == unsubscribed)
+
+    def _error_reply(self, reply: RespError) -> None:
+        log.error("Redis pub/sub error reply: %s", reply)
 
     def _set_connected(self, value: bool) -> None:
         if value != self.connected:
@@ -204,29 +202,22 @@ class RedisPubSubBackend(ChannelBackend):
 
     def __init__(
         self,
-        url: str,
+        topology: Topology,
         *,
         on_connection_change: Callable[[bool], None] | None = None,
         resolve: Callable[[], Awaitable[tuple[str, int]]] | None = None,
     ) -> None:
-        super().__init__(on_connection_change)
+        super().__init__(topology, on_connection_change)
         # `resolve` (Sentinel) names the master before each connect; the connection must then
         # find a master there, and a master that moves is a reconnect.
-        topology = parse_redis_url(url)
         self._host, self._port = topology.hosts[0]
         self._resolve = resolve
         self._address = (self._host, self._port)
-        self._username = topology.username
-        self._password = topology.password or None
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if topology.tls else None
-        self._wanted: set[str] = set()
         # Replies still outstanding per channel: a channel is live once it is wanted and
         # every SUBSCRIBE/UNSUBSCRIBE written for it has been answered.
         self._outstanding: dict[str, int] = {}
         self._resubscribing: set[str] = set()
         self._writer: asyncio.StreamWriter | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
 
     # -- BroadcastBackend -------------------------------------------------------------------
 
@@ -271,7 +262,6 @@ class RedisPubSubBackend(ChannelBackend):
             self._writer = None
 
     async def _run(self) -> None:
-        backoff = BACKOFF_INITIAL
         first = True
         while not self._stopping:
             try:
@@ -287,29 +277,29 @@ class RedisPubSubBackend(ChannelBackend):
                 for channel in sorted(self._wanted):
                     self._write(b"SUBSCRIBE", channel)
                 self._set_connected(True)
-                backoff = BACKOFF_INITIAL
+                self._backoff.reset()
                 await self._read(reader)
                 raise ConnectionError("Redis closed the pub/sub connection")
             except asyncio.CancelledError:
                 raise
-            except (OSError, ConnectionError, RespError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            except CONNECTION_ERRORS as exc:
                 self._close_writer()
                 self._set_connected(False)
                 for event in self._live.values():
                     event.clear()
                 if not first:
-                    log.warning("pub/sub connection to Redis lost: %s; retrying in <= %.1fs", exc, backoff)
+                    log.warning(
+                        "pub/sub connection to Redis lost: %s; retrying in <= %.1fs",
+                        exc,
+                        self._backoff.ceiling,
+                    )
                 else:
                     log.warning("cannot reach Redis for pub/sub: %s; retrying", exc)
-            # Full jitter keeps a fleet of replicas from reconnecting in lockstep.
-            await asyncio.sleep(random.uniform(backoff / 2, backoff))
-            backoff = min(BACKOFF_CAP, backoff * 2)
+            await self._backoff.wait()
 
     async def _open(self) -> asyncio.StreamReader:
         host, port = (self._host, self._port) if self._resolve is None else await self._resolve()
-        reader, writer = await open_authenticated(
-            host, port, tls=self._ssl, username=self._username, password=self._password
-        )
+        reader, writer = await self._open_node((host, port))
         self._writer = writer
         if self._resolve is not None:
             # Sentinel may still name a master that has just been demoted (or not yet promoted).
@@ -336,21 +326,10 @@ class RedisPubSubBackend(ChannelBackend):
         self._writer.write(encode_command(b"PING"))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        put = self._queue.put_nowait
         async for batch in reply_batches(reader, self._keepalive):
-            for reply in batch:
-                if isinstance(reply, RespError):
-                    log.error("Redis pub/sub error reply: %s", reply)
-                    continue
-                if not isinstance(reply, list) or len(reply) < 3:
-                    continue
-                kind = reply[0]
-                if kind == b"message":
-                    put(Event(reply[1].decode(errors="replace"), reply[2]))
-                elif kind in (b"subscribe", b"unsubscribe"):
-                    self._confirmed(reply[1].decode(errors="replace"))
+            self._dispatch(batch, self._confirmed)
 
-    def _confirmed(self, channel: str) -> None:
+    def _confirmed(self, channel: str, unsubscribed: bool) -> None:
         left = self._outstanding.get(channel, 0) - 1
         if left > 0:
             self._outstanding[channel] = left
@@ -360,7 +339,7 @@ class RedisPubSubBackend(ChannelBackend):
             return
         if channel in self._resubscribing:
             self._resubscribing.discard(channel)
-            self._queue.put_nowait(Event(channel, GAP))
+            self._queue.put_nowait(Event(channel, GAP_MARK))
         event = self._live.get(channel)
         if event is not None:
             event.set()

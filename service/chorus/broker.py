@@ -1,4 +1,9 @@
-"""The broker: broadcaster for pub/sub plus the per-room message stream that gives ids.
+"""The broker: the one way into the message layer (pub/sub and the per-room message stream).
+
+Messages come from `Broker.subscribe(room)`: an async context manager yielding `Message`
+(a payload as published, bytes) or `Gap` (the subscription was lost and made again: back-fill
+from the stream). They are sent with `append` (stored and published in one step) and read back
+with `read_after`/`recent`. Nothing outside this module sees broadcaster or a pub/sub backend.
 
 `RedisBroker` appends to a Redis Stream and publishes in one Lua script, so pub/sub order is
 stream order and every replica sees the same id. `MemoryBroker` does the same in process for
@@ -14,18 +19,23 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
 from broadcaster import Broadcast
+from broadcaster._base import Subscriber
+from redis.asyncio.sentinel import Sentinel
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from . import keys
 from .backend import RedisPubSubBackend
 from .config import Settings
 from .protocol import ZERO_ID, StreamId, encode_published, message_frame
 from .shards import ShardedPubSubBackend
-from .topology import SentinelResolver, Topology, command_client
+from .topology import SentinelResolver, Topology, command_client, sentinels
 
 log = logging.getLogger("chorus.broker")
 
@@ -36,16 +46,6 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[2]
 redis.call('PUBLISH', KEYS[2], ARGV[3] .. ' {"type":"message","id":"' .. id .. '",' .. string.sub(ARGV[2], 2))
 return id
 """
-# Redis Cluster: the room's channel is a shard channel (its hash tag puts it on the stream's shard).
-APPEND_AND_SPUBLISH: Final = APPEND_AND_PUBLISH.replace("'PUBLISH'", "'SPUBLISH'")
-
-
-def channel_key(room: str) -> str:
-    return f"chorus:msg:{{{room}}}"
-
-
-def stream_key(room: str) -> str:
-    return f"chorus:stream:{{{room}}}"
 
 
 class BrokerUnavailable(Exception):
@@ -62,13 +62,27 @@ class RedisCommands:
     not be refused while Redis is healthy.
     """
 
-    def __init__(self, topology: Topology, *, timeout: float, max_in_flight: int) -> None:
+    def __init__(
+        self, topology: Topology, *, timeout: float, max_in_flight: int, sentinel: Sentinel | None = None
+    ) -> None:
         self.timeout = timeout
+        self.cluster = topology.cluster
         # A little headroom over the slots: the cluster client's own topology refreshes.
         self.client = command_client(
-            topology, timeout=timeout, health_check_interval=10, max_connections=max_in_flight + 4
+            topology,
+            timeout=timeout,
+            health_check_interval=10,
+            max_connections=max_in_flight + 4,
+            sentinel=sentinel,
         )
         self._slots = asyncio.Semaphore(max_in_flight)
+
+    def register_script(self, source: str) -> AsyncScript:
+        """A Lua script for this topology: in a Cluster a room's channel is a shard channel (its
+        hash tag puts it on the room's shard), so the script's `PUBLISH` becomes `SPUBLISH`."""
+        if self.cluster:
+            source = source.replace("'PUBLISH'", "'SPUBLISH'")
+        return self.client.register_script(source)
 
     async def call(self, call: Awaitable[Any]) -> Any:
         """Await one command (or script, or pipeline); BrokerUnavailable when it fails or is late."""
@@ -106,23 +120,89 @@ class Entry:
         return message_frame(self.raw_id, self.tail)
 
 
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A payload published on the subscribed channel, as it was published (never decoded here)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """The subscription was lost and made again: messages published meanwhile were missed."""
+
+
+GAP: Final = Gap()
+
+
+class Subscription:
+    """One channel's events in the order they were published; `Broker.subscribe` yields it."""
+
+    __slots__ = ("_broker", "_subscriber", "channel")
+
+    def __init__(self, broker: Broker, channel: str, subscriber: Subscriber) -> None:
+        self._broker = broker
+        self._subscriber = subscriber
+        self.channel = channel
+
+    async def get(self) -> Message | Gap:
+        """The next event; waits for one."""
+        message = (await self._subscriber.get()).message
+        # Payloads are always bytes; the backends' only other event is their GAP_MARK (a str).
+        return Message(message) if isinstance(message, bytes) else GAP
+
+    async def live(self) -> None:
+        """Return once messages published from now on will reach this subscription."""
+        await self._broker._wait_live(self.channel)
+
+
 class Broker(ABC):
-    """What the hub needs from the message layer."""
+    """What the hub, the probe and presence need from the message layer."""
 
     def __init__(self, broadcast: Broadcast) -> None:
-        self.broadcast = broadcast
+        self._broadcast = broadcast
 
     async def start(self) -> None:
-        await self.broadcast.connect()
+        await self._broadcast.connect()
 
     async def stop(self) -> None:
-        await self.broadcast.disconnect()
+        await self._broadcast.disconnect()
 
     @property
     def reconnects(self) -> int:
         return 0
 
-    async def wait_live(self, channel: str) -> None:  # noqa: B027 - in-process brokers are live at once
+    @property
+    def commands(self) -> RedisCommands | None:
+        """The process's Redis command client (presence, the limiter), None without Redis."""
+        return None
+
+    @asynccontextmanager
+    async def subscribe(self, room: str) -> AsyncIterator[Subscription]:
+        """Subscribe to `room`'s messages (and presence events) for the block's duration."""
+        async with self._subscribe(keys.channel(room)) as subscription:
+            yield subscription
+
+    @asynccontextmanager
+    async def subscribe_probe(self, name: str) -> AsyncIterator[Subscription]:
+        """Subscribe to the readiness probe's own channel `name` (see `publish_probe`)."""
+        async with self._subscribe(keys.probe(name)) as subscription:
+            yield subscription
+
+    @asynccontextmanager
+    async def _subscribe(self, channel: str) -> AsyncIterator[Subscription]:
+        async with self._broadcast.subscribe(channel) as subscriber:
+            yield Subscription(self, channel, subscriber)
+
+    async def publish_probe(self, name: str, payload: bytes) -> None:
+        """Publish `payload` on the probe channel `name`, outside any stream."""
+        await self._publish(keys.probe(name), payload)
+
+    async def announce(self, room: str, payload: bytes) -> None:
+        """Publish an event to `room`'s subscribers outside its stream (presence, in one process)."""
+        await self._publish(keys.channel(room), payload)
+
+    async def _wait_live(self, channel: str) -> None:  # noqa: B027 - in-process brokers are live at once
         """Return once messages published to `channel` from now on will reach this process."""
 
     @abstractmethod
@@ -142,38 +222,45 @@ class Broker(ABC):
         """The id of the room's newest message, ZERO_ID when it has none."""
 
     @abstractmethod
-    async def publish_raw(self, channel: str, payload: bytes) -> None:
-        """Publish outside any stream (the readiness self-probe)."""
+    async def _publish(self, channel: str, payload: bytes) -> None:
+        """Publish outside any stream."""
 
 
 class RedisBroker(Broker):
-    def __init__(self, settings: Settings, *, on_connection_change: Any = None) -> None:
+    """The process's one Redis resource, built from the settings' one parsed Topology: the
+    pub/sub backend (plain or sharded), the command client and, for Sentinel, one Sentinel."""
+
+    def __init__(
+        self, settings: Settings, *, on_connection_change: Callable[[bool], None] | None = None
+    ) -> None:
         topology = settings.redis_topology
-        self._timeout = settings.broker_timeout_seconds
+        timeout = settings.broker_timeout_seconds
         self._maxlen = str(settings.history_size)
-        self._resolver: SentinelResolver | None = None
+        sentinel = sentinels(topology, timeout=timeout) if topology.mode == "sentinel" else None
+        self._resolver = SentinelResolver(topology, sentinel) if sentinel is not None else None
         self._backend: RedisPubSubBackend | ShardedPubSubBackend
         if topology.cluster:
             self._backend = ShardedPubSubBackend(topology, on_connection_change=on_connection_change)
         else:
-            if topology.mode == "sentinel":
-                self._resolver = SentinelResolver(topology, timeout=self._timeout)
             self._backend = RedisPubSubBackend(
-                settings.redis_url, on_connection_change=on_connection_change, resolve=self._resolver
+                topology, on_connection_change=on_connection_change, resolve=self._resolver
             )
         super().__init__(Broadcast(backend=self._backend))
-        self._publish = "SPUBLISH" if topology.cluster else "PUBLISH"
+        self._publish_command = "SPUBLISH" if topology.cluster else "PUBLISH"
         # Shared with presence and the connection limiter, which the lifespan stops first.
-        self.commands = RedisCommands(
-            topology, timeout=self._timeout, max_in_flight=settings.redis_max_connections
+        self._commands = RedisCommands(
+            topology, timeout=timeout, max_in_flight=settings.redis_max_connections, sentinel=sentinel
         )
-        self._redis = self.commands.client
-        script = APPEND_AND_SPUBLISH if topology.cluster else APPEND_AND_PUBLISH
-        self._append = self._redis.register_script(script)
+        self._redis = self._commands.client
+        self._append = self._commands.register_script(APPEND_AND_PUBLISH)
+
+    @property
+    def commands(self) -> RedisCommands:
+        return self._commands
 
     async def stop(self) -> None:
         await super().stop()
-        await self.commands.aclose()
+        await self._commands.aclose()
         if self._resolver is not None:
             await self._resolver.aclose()
 
@@ -185,19 +272,19 @@ class RedisBroker(Broker):
     def pubsub_connected(self) -> bool:
         return self._backend.connected
 
-    async def wait_live(self, channel: str) -> None:
+    async def _wait_live(self, channel: str) -> None:
         await self._backend.wait_live(channel)
 
     async def _call(self, coro: Awaitable[Any]) -> Any:
-        return await self.commands.call(coro)
+        return await self._commands.call(coro)
 
     async def append(self, room: str, tail: bytes, sender: bytes) -> bytes:
-        keys = [stream_key(room), channel_key(room)]
-        result: bytes = await self._call(self._append(keys=keys, args=[self._maxlen, tail, sender]))
+        room_keys = [keys.stream(room), keys.channel(room)]
+        result: bytes = await self._call(self._append(keys=room_keys, args=[self._maxlen, tail, sender]))
         return result
 
     async def read_after(self, room: str, since: StreamId, limit: int) -> list[Entry] | None:
-        key = stream_key(room)
+        key = keys.stream(room)
         if since == ZERO_ID:
             return _entries(await self._call(self._redis.xrange(key, "-", "+", count=limit)))
         # One XRANGE from the anchor itself: atomic on every topology (a Cluster has no MULTI
@@ -211,15 +298,15 @@ class RedisBroker(Broker):
     async def recent(self, room: str, count: int) -> list[Entry]:
         if count <= 0:
             return []
-        rows = await self._call(self._redis.xrevrange(stream_key(room), "+", "-", count=count))
+        rows = await self._call(self._redis.xrevrange(keys.stream(room), "+", "-", count=count))
         return _entries(rows[::-1])
 
     async def last_id(self, room: str) -> StreamId:
-        rows = await self._call(self._redis.xrevrange(stream_key(room), "+", "-", count=1))
+        rows = await self._call(self._redis.xrevrange(keys.stream(room), "+", "-", count=1))
         return StreamId.parse(rows[0][0]) if rows else ZERO_ID
 
-    async def publish_raw(self, channel: str, payload: bytes) -> None:
-        await self._call(self._redis.execute_command(self._publish, channel, payload))
+    async def _publish(self, channel: str, payload: bytes) -> None:
+        await self._call(self._redis.execute_command(self._publish_command, channel, payload))
 
 
 def _entries(rows: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:
@@ -234,9 +321,17 @@ class MemoryBroker(Broker):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(Broadcast("memory://"))
+        self._replica = settings.replica_name
         self._size = settings.history_size
         self._rooms: dict[str, deque[Entry]] = {}
         self._last = ZERO_ID
+
+    async def start(self) -> None:
+        log.warning(
+            "CHORUS_REDIS_URL is not set: using the in-process memory broker; "
+            "messages will not reach other replicas, run a single replica only"
+        )
+        await super().start()
 
     def _next_id(self) -> StreamId:
         ms = int(time.time() * 1000)
@@ -249,7 +344,7 @@ class MemoryBroker(Broker):
         raw = str(msg_id).encode()
         entry = Entry(msg_id, raw, tail, sender)
         self._rooms.setdefault(room, deque(maxlen=self._size)).append(entry)
-        await self.broadcast.publish(channel_key(room), encode_published(sender, entry.frame))
+        await self._broadcast.publish(keys.channel(room), encode_published(sender, entry.frame))
         return raw
 
     async def read_after(self, room: str, since: StreamId, limit: int) -> list[Entry] | None:
@@ -271,15 +366,17 @@ class MemoryBroker(Broker):
         entries = self._rooms.get(room)
         return entries[-1].id if entries else ZERO_ID
 
-    async def publish_raw(self, channel: str, payload: bytes) -> None:
-        await self.broadcast.publish(channel, payload)
+    async def _publish(self, channel: str, payload: bytes) -> None:
+        await self._broadcast.publish(channel, payload)
 
 
-def create_broker(settings: Settings, *, on_connection_change: Any = None) -> Broker:
+def create_broker(
+    settings: Settings, *, on_connection_change: Callable[[bool], None] | None = None
+) -> Broker:
+    """The process's broker: Redis when `CHORUS_REDIS_URL` is set, else the in-process one.
+
+    `on_connection_change(up)` hears the pub/sub connection come and go (the readiness probe).
+    """
     if settings.uses_redis:
         return RedisBroker(settings, on_connection_change=on_connection_change)
-    log.warning(
-        "CHORUS_REDIS_URL is not set: using the in-process memory broker; "
-        "messages will not reach other replicas, run a single replica only"
-    )
     return MemoryBroker(settings)

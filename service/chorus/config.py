@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .topology import Topology, parse_redis_url
@@ -139,14 +139,24 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    # The parsed `redis_url`, made once by `_parse_redis_url`: every part of the process reads
+    # this one Topology (a second parse is how two parts start to disagree).
+    _topology: Topology | None = PrivateAttr(default=None)
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
         value = value.strip()
-        if not value or value == "memory://":
-            return ""
-        parse_redis_url(value)  # raises ValueError with the one sentence saying why
-        return value
+        return "" if value == "memory://" else value
+
+    @model_validator(mode="after")
+    def _parse_redis_url(self) -> Settings:
+        if self.redis_url:
+            try:
+                self._topology = parse_redis_url(self.redis_url)
+            except ValueError as exc:  # one sentence saying why, named for the variable
+                raise ValueError(f"{ENV_PREFIX}REDIS_URL: {exc}") from None
+        return self
 
     @model_validator(mode="after")
     def _check_auth_choice(self) -> Settings:
@@ -173,8 +183,10 @@ class Settings(BaseSettings):
 
     @property
     def redis_topology(self) -> Topology:
-        """Standalone, Sentinel or Cluster, parsed from `redis_url` (which must be set)."""
-        return parse_redis_url(self.redis_url)
+        """Standalone, Sentinel or Cluster, parsed from `redis_url` (which must be set) at validation."""
+        if self._topology is None:
+            raise SettingsError(f"{ENV_PREFIX}REDIS_URL is not set: there is no Redis topology")
+        return self._topology
 
     @property
     def redis_url_redacted(self) -> str:

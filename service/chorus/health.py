@@ -11,14 +11,9 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import cast
-
-from broadcaster import Event
-from broadcaster._base import Subscriber
 
 from . import metrics
-from .backend import GAP
-from .broker import Broker, BrokerUnavailable
+from .broker import Broker, BrokerUnavailable, Message, Subscription
 
 log = logging.getLogger("chorus.health")
 
@@ -28,7 +23,7 @@ class Health:
         self._broker = broker
         self._interval = interval
         self._timeout = timeout
-        self.channel = f"chorus:probe:{{{replica}:{secrets.token_hex(6)}}}"
+        self.name = f"{replica}:{secrets.token_hex(6)}"  # a probe channel only this process uses
         self.broker_ok = False
         self.reason = "starting: the broker self-probe has not succeeded yet"
         self.draining = False
@@ -58,24 +53,24 @@ class Health:
 
     async def run(self) -> None:
         metrics.BROKER_UP.set(0)
-        async with self._broker.broadcast.subscribe(self.channel) as subscriber:
+        async with self._broker.subscribe_probe(self.name) as subscription:
             while True:
                 started = time.monotonic()
-                ok, reason = await self._probe_once(subscriber)
+                ok, reason = await self._probe_once(subscription)
                 self._set(ok, reason)
                 await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
 
-    async def _probe_once(self, subscriber: Subscriber) -> tuple[bool, str]:
+    async def _probe_once(self, subscription: Subscription) -> tuple[bool, str]:
         self._counter += 1
         nonce = f"{self._counter}".encode()
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout):
-                await self._broker.wait_live(self.channel)
-                await self._broker.publish_raw(self.channel, nonce)
+                await subscription.live()
+                await self._broker.publish_probe(self.name, nonce)
                 while True:
-                    event: Event = await subscriber.get()
-                    if event.message is not GAP and cast(bytes, event.message) == nonce:
+                    event = await subscription.get()
+                    if isinstance(event, Message) and event.payload == nonce:
                         break
         except TimeoutError:
             return False, "broker: self-probe did not come back in time"

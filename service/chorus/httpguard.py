@@ -31,6 +31,12 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import metrics
+from .protocol import (
+    REJECT_HEAD_TIMEOUT,
+    REJECT_HEADERS_TOO_LARGE,
+    REJECT_TOO_MANY_PENDING,
+    REJECT_URL_TOO_LONG,
+)
 
 log = logging.getLogger("chorus.http")
 
@@ -144,14 +150,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _evict(self) -> None:
         self._head_done()
-        metrics.REJECTIONS.labels(metrics.REJECT_TOO_MANY_PENDING).inc()
+        metrics.REJECTIONS.labels(REJECT_TOO_MANY_PENDING).inc()
         self.transport.close()
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
         type(self).waiting.pop(self, None)
         if not self.transport.is_closing():
-            metrics.REJECTIONS.labels(metrics.REJECT_HEAD_TIMEOUT).inc()
+            metrics.REJECTIONS.labels(REJECT_HEAD_TIMEOUT).inc()
             log.info("closing a connection with no complete request head in %.0fs", self.limits.head_timeout)
             self.transport.close()
 
@@ -169,7 +175,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._url_bytes > self.limits.max_url_bytes:
             raise _Refused(
                 414,
-                metrics.REJECT_URL_TOO_LONG,
+                REJECT_URL_TOO_LONG,
                 f"the request target is longer than {self.limits.max_url_bytes} bytes",
             )
         super().on_url(url)
@@ -193,7 +199,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _headers_too_large(self) -> _Refused:
         return _Refused(
             431,
-            metrics.REJECT_HEADERS_TOO_LARGE,
+            REJECT_HEADERS_TOO_LARGE,
             f"the request headers are larger than {self.limits.max_header_bytes} bytes",
         )
 

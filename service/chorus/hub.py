@@ -12,13 +12,10 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final
-
-from broadcaster import Event
+from typing import Final, TypeVar
 
 from . import metrics
-from .backend import GAP
-from .broker import Broker, BrokerUnavailable, Entry, channel_key
+from .broker import Broker, BrokerUnavailable, Entry, Gap, Subscription
 from .connection import Coalescer, Connection
 from .protocol import (
     CLOSE_INTERNAL_ERROR,
@@ -32,14 +29,15 @@ from .protocol import (
 log = logging.getLogger("chorus.hub")
 
 RETRY_SECONDS: Final = 0.5
+T = TypeVar("T")
 
 
 class Room:
-    __slots__ = ("channel", "last_fanout", "last_id", "members", "name", "ready", "task")
+    __slots__ = ("last_fanout", "last_id", "members", "name", "ready", "subscription", "task")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.channel = channel_key(name)
+        self.subscription: Subscription | None = None  # set before `ready`
         self.members: set[Connection] = set()
         self.last_id: StreamId = ZERO_ID
         self.last_fanout = -math.inf  # time.monotonic() of the previous live fan-out
@@ -78,7 +76,8 @@ class Hub:
         try:
             async with asyncio.timeout(self.join_timeout):
                 await room.ready.wait()
-                await self.broker.wait_live(room.channel)
+                assert room.subscription is not None
+                await room.subscription.live()
         except TimeoutError:
             raise BrokerUnavailable("the room's subscription did not become live in time") from None
 
@@ -131,16 +130,17 @@ class Hub:
 
     async def _run_room(self, room: Room) -> None:
         try:
-            async with self.broker.broadcast.subscribe(room.channel) as subscriber:
-                await self.broker.wait_live(room.channel)
-                room.last_id = await self._retry(lambda: self.broker.last_id(room.name))
+            async with self.broker.subscribe(room.name) as subscription:
+                room.subscription = subscription
+                await subscription.live()
+                room.last_id = await self._retry(f"room {room.name}", lambda: self.broker.last_id(room.name))
                 room.ready.set()
                 while True:
-                    event: Event = await subscriber.get()
-                    if event.message is GAP:
+                    event = await subscription.get()
+                    if isinstance(event, Gap):
                         await self._backfill(room)
                     else:
-                        self._fanout(room, event)
+                        self._fanout(room, event.payload)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -151,23 +151,23 @@ class Hub:
                 del self.rooms[room.name]
                 metrics.ROOMS.dec()
 
-    async def _retry(self, call: Callable[[], Awaitable[StreamId]]) -> StreamId:
+    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()` until the broker answers: a room's subscription outlives a Redis outage."""
         while True:
             try:
                 return await call()
             except BrokerUnavailable as exc:
-                log.warning("broker unavailable (%s); retrying", exc)
+                log.warning("%s: broker unavailable (%s); retrying", what, exc)
                 await asyncio.sleep(RETRY_SECONDS)
 
-    def _fanout(self, room: Room, event: Event) -> None:
-        payload: bytes = event.message  # type: ignore[assignment]
+    def _fanout(self, room: Room, payload: bytes) -> None:
         try:
             msg = decode_published(payload)
         except (ValueError, UnicodeDecodeError, TypeError):
             if self._fanout_event(room, payload):
                 return
             metrics.MESSAGES_DROPPED.labels(metrics.DROP_UNDECODABLE).inc()
-            log.warning("dropped an undecodable payload on %s (%d bytes)", room.channel, len(payload or b""))
+            log.warning("dropped an undecodable payload in room %s (%d bytes)", room.name, len(payload))
             return
         if msg.id <= room.last_id:
             return  # already delivered by a back-fill
@@ -200,7 +200,10 @@ class Hub:
         return True
 
     async def _backfill(self, room: Room) -> None:
-        entries = await self._retry_entries(room)
+        entries = await self._retry(
+            f"back-fill of {room.name}",
+            lambda: self.broker.read_after(room.name, room.last_id, self.replay_limit),
+        )
         if entries is None:
             log.warning("room %s: history no longer holds %s; sending resync", room.name, room.last_id)
             frame = resync_frame(room.name)
@@ -208,7 +211,7 @@ class Hub:
                 if conn.pending is None:
                     conn.offer(frame, force=True)
             metrics.RESYNCS.inc(len(room.members))
-            room.last_id = await self._retry(lambda: self.broker.last_id(room.name))
+            room.last_id = await self._retry(f"room {room.name}", lambda: self.broker.last_id(room.name))
             return
         for entry in entries:
             sender = self._by_tag.get(entry.sender)
@@ -222,11 +225,3 @@ class Hub:
         if entries:
             log.info("room %s: back-filled %d messages after a pub/sub gap", room.name, len(entries))
         metrics.BROKER_BACKFILLED.inc(len(entries))
-
-    async def _retry_entries(self, room: Room) -> list[Entry] | None:
-        while True:
-            try:
-                return await self.broker.read_after(room.name, room.last_id, self.replay_limit)
-            except BrokerUnavailable as exc:
-                log.warning("back-fill of %s: broker unavailable (%s); retrying", room.name, exc)
-                await asyncio.sleep(RETRY_SECONDS)

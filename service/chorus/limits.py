@@ -15,7 +15,8 @@ import time
 from collections.abc import Awaitable
 from typing import Any, Final
 
-from .broker import Broker, BrokerUnavailable, RedisBroker, RedisCommands
+from . import keys
+from .broker import Broker, BrokerUnavailable, RedisCommands
 from .config import Settings
 
 log = logging.getLogger("chorus.limits")
@@ -30,10 +31,6 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[2])
 redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[4]) * 1000))
 return 1
 """
-
-
-def user_key(user: str) -> str:
-    return f"chorus:conns:{{{user}}}"
 
 
 class UserLimiter:
@@ -70,7 +67,7 @@ class RedisUserLimiter(UserLimiter):
         self._lease = settings.connection_lease_seconds
         self._commands = commands
         self._redis = commands.client
-        self._acquire = self._redis.register_script(ACQUIRE)
+        self._acquire = commands.register_script(ACQUIRE)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -89,7 +86,7 @@ class RedisUserLimiter(UserLimiter):
             return False
         try:
             args: list[str | float] = [time.time(), tag, self.limit, self._lease]
-            if await self._call(self._acquire(keys=[user_key(user)], args=args)):
+            if await self._call(self._acquire(keys=[keys.connections(user)], args=args)):
                 return True
         except BrokerUnavailable as exc:
             # Fail open: the per-replica cap still bounds the damage, and chat keeps working.
@@ -101,7 +98,7 @@ class RedisUserLimiter(UserLimiter):
     async def release(self, user: str, tag: str) -> None:
         await super().release(user, tag)
         try:
-            await self._call(self._redis.zrem(user_key(user), tag))
+            await self._call(self._redis.zrem(keys.connections(user), tag))
         except BrokerUnavailable as exc:
             log.warning("could not release a connection of %s now (%s); its lease expires", user, exc)
 
@@ -112,14 +109,15 @@ class RedisUserLimiter(UserLimiter):
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for user, tags in list(self._held.items()):
-                        pipe.zadd(user_key(user), {tag: expiry for tag in tags})
-                        pipe.pexpire(user_key(user), int(self._lease * 1000))
+                        pipe.zadd(keys.connections(user), {tag: expiry for tag in tags})
+                        pipe.pexpire(keys.connections(user), int(self._lease * 1000))
                     await self._call(pipe.execute())
             except BrokerUnavailable as exc:
                 log.warning("could not renew connection leases: %s", exc)
 
 
 def create_user_limiter(settings: Settings, broker: Broker) -> UserLimiter:
-    if isinstance(broker, RedisBroker) and settings.max_connections_per_user:
-        return RedisUserLimiter(settings, broker.commands)
+    commands = broker.commands
+    if commands is not None and settings.max_connections_per_user:
+        return RedisUserLimiter(settings, commands)
     return UserLimiter(settings.max_connections_per_user)

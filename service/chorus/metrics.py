@@ -19,7 +19,7 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _multiprocess
 
-from . import __version__
+from . import __version__, protocol
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -73,32 +73,17 @@ REJECTIONS = Counter(
     ["reason"],
 )
 
-# Rejection reasons (chorus_rejections_total{reason}): the closed set, used by reference.
-REJECT_BAD_REQUEST: Final = "bad_request"
-REJECT_UNAUTHORIZED: Final = "unauthorized"
-REJECT_FORBIDDEN_ROOM: Final = "forbidden_room"
-REJECT_ORIGIN: Final = "origin"
-REJECT_HOST: Final = "host"  # Host header not in CHORUS_ALLOWED_HOSTS
-REJECT_DRAINING: Final = "draining"
-REJECT_MAX_CONNECTIONS: Final = "max_connections"
-REJECT_MAX_CONNECTIONS_PER_USER: Final = "max_connections_per_user"
-REJECT_BINARY: Final = "binary"
-REJECT_FLOOD: Final = "flood"
-REJECT_INVALID_UTF8: Final = "invalid_utf8"
-REJECT_FRAME_TOO_LARGE: Final = "frame_too_large"
-# ... and those of the HTTP front door (chorus.httpguard). All are listed in docs/security.md.
-REJECT_HEAD_TIMEOUT: Final = "head_timeout"
-REJECT_TOO_MANY_PENDING: Final = "too_many_pending"
-REJECT_URL_TOO_LONG: Final = "url_too_long"
-REJECT_HEADERS_TOO_LARGE: Final = "headers_too_large"
-
-# Drop reasons (bounded label values).
+# chorus_messages_dropped_total{reason} label values: these, and the code of the error frame
+# that refused a client's message (protocol.ERROR_INVALID, protocol.ERROR_TOO_LARGE).
 DROP_SLOW_CONSUMER: Final = "slow_consumer"
-DROP_TOO_LARGE: Final = "too_large"
-DROP_INVALID: Final = "invalid"
 DROP_BROKER_UNAVAILABLE: Final = "broker_unavailable"
 DROP_UNDECODABLE: Final = "undecodable"
 DROP_RATE_LIMITED: Final = "rate_limited"
+# Every DROP_* above (collected, not listed again) and the two error codes.
+DROP_REASONS: Final = frozenset(
+    [value for name, value in dict(globals()).items() if name.startswith("DROP_")]
+    + [protocol.ERROR_INVALID, protocol.ERROR_TOO_LARGE]
+)
 
 
 def render() -> tuple[bytes, str]:

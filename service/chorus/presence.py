@@ -22,14 +22,14 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .broker import Broker, BrokerUnavailable, RedisBroker, RedisCommands, channel_key
+from . import keys
+from .broker import Broker, BrokerUnavailable, RedisCommands
 from .config import Settings
 from .protocol import encode_published, presence_frame, user_key
 
 log = logging.getLogger("chorus.presence")
 
 HEARTBEATS_TO_EXPIRE: Final = 3
-REPLICAS_KEY: Final = "chorus:presence:replicas"
 
 # A user is counted under `protocol.user_key` (Dave, dave: one user) and shown under the
 # spelling of the connection that brought them online (kept until their last one leaves), so a
@@ -86,26 +86,6 @@ end
 return redis.call('HLEN', KEYS[2])
 """
 )
-
-
-def entries_key(room: str) -> str:
-    return f"chorus:presence:{{{room}}}"
-
-
-def users_key(room: str) -> str:
-    return f"chorus:online:{{{room}}}"
-
-
-def names_key(room: str) -> str:
-    return f"chorus:names:{{{room}}}"
-
-
-def heartbeat_key(owner: str) -> str:
-    return f"chorus:heartbeat:{{{owner}}}"
-
-
-def rooms_key(owner: str) -> str:
-    return f"chorus:presence-rooms:{{{owner}}}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +172,7 @@ class MemoryPresence(Presence):
 
     async def _announce(self, room: str, event: str, name: str, online: int, sender: str) -> None:
         frame = presence_frame(room, event, name, online).encode()
-        await self._broker.publish_raw(channel_key(room), encode_published(sender.encode(), frame))
+        await self._broker.announce(room, encode_published(sender.encode(), frame))
 
 
 class RedisPresence(Presence):
@@ -203,15 +183,13 @@ class RedisPresence(Presence):
         self.owner = owner
         self.interval = settings.presence_heartbeat_seconds
         self._ttl_ms = int(self.interval * HEARTBEATS_TO_EXPIRE * 1000)
-        topology = settings.redis_topology
         self._commands = commands
         self._redis = commands.client
-        # Each script's keys share the room's hash tag (one slot); in a Cluster the room's
-        # channel is a shard channel, so announcements go out with SPUBLISH.
-        publish = (lambda script: script.replace("'PUBLISH'", "'SPUBLISH'")) if topology.cluster else str
-        self._join = self._redis.register_script(publish(JOIN))
-        self._leave = self._redis.register_script(publish(LEAVE))
-        self._reap = self._redis.register_script(publish(REAP))
+        # Each script's keys share the room's hash tag (one slot); announcements go out on the
+        # room's channel (register_script makes them SPUBLISH in a Cluster).
+        self._join = commands.register_script(JOIN)
+        self._leave = commands.register_script(LEAVE)
+        self._reap = commands.register_script(REAP)
         self._local: dict[str, Member] = {}
         self._unremoved: dict[str, Member] = {}
         self._task: asyncio.Task[None] | None = None
@@ -225,8 +203,8 @@ class RedisPresence(Presence):
             await asyncio.gather(self._task, return_exceptions=True)
         try:
             await self._reap_owner(self.owner)
-            await self._call(self._redis.delete(heartbeat_key(self.owner)))
-            await self._call(self._redis.srem(REPLICAS_KEY, self.owner))
+            await self._call(self._redis.delete(keys.heartbeat(self.owner)))
+            await self._call(self._redis.srem(keys.PRESENCE_REPLICAS, self.owner))
         except BrokerUnavailable as exc:
             log.warning("presence goodbye failed (%s); other replicas will expire our entries", exc)
 
@@ -235,13 +213,13 @@ class RedisPresence(Presence):
 
     async def _run_script(self, script: Any, member: Member, sender: str) -> Any:
         room = member.room
-        keys = [entries_key(room), users_key(room), channel_key(room), names_key(room)]
+        room_keys = [keys.presence_entries(room), keys.online(room), keys.channel(room), keys.names(room)]
         args = [member.entry, member.key, sender, room, member.user]
-        return await self._call(script(keys=keys, args=args))
+        return await self._call(script(keys=room_keys, args=args))
 
     async def join(self, member: Member) -> int:
         self._local[member.entry] = member
-        await self._call(self._redis.sadd(rooms_key(self.owner), member.room))
+        await self._call(self._redis.sadd(keys.presence_rooms(self.owner), member.room))
         online: int = await self._run_script(self._join, member, member.entry)
         return online
 
@@ -254,11 +232,11 @@ class RedisPresence(Presence):
             self._unremoved[member.entry] = member
 
     async def users(self, room: str) -> list[str]:
-        keys: list[bytes] = await self._call(self._redis.hkeys(users_key(room)))
-        if not keys:
+        users: list[bytes] = await self._call(self._redis.hkeys(keys.online(room)))
+        if not users:
             return []
-        names: list[bytes | None] = await self._call(self._redis.hmget(names_key(room), keys))
-        return sorted((name or key).decode() for key, name in zip(keys, names, strict=True))
+        names: list[bytes | None] = await self._call(self._redis.hmget(keys.names(room), users))
+        return sorted((name or key).decode() for key, name in zip(users, names, strict=True))
 
     async def _run(self) -> None:
         while True:
@@ -270,9 +248,9 @@ class RedisPresence(Presence):
             await asyncio.sleep(self.interval)
 
     async def _beat(self) -> None:
-        beat = self._redis.set(heartbeat_key(self.owner), b"1", px=self._ttl_ms, get=True)
+        beat = self._redis.set(keys.heartbeat(self.owner), b"1", px=self._ttl_ms, get=True)
         previous = await self._call(beat)
-        await self._call(self._redis.sadd(REPLICAS_KEY, self.owner))
+        await self._call(self._redis.sadd(keys.PRESENCE_REPLICAS, self.owner))
         if previous is None and self._local:
             # Our heartbeat lapsed (Redis restarted or we stalled) and others may have reaped
             # us: put our members back. Joins are idempotent, so nothing is announced twice.
@@ -284,23 +262,24 @@ class RedisPresence(Presence):
             del self._unremoved[entry]
 
     async def _reap_dead(self) -> None:
-        owners = {o.decode() for o in await self._call(self._redis.smembers(REPLICAS_KEY))}
+        owners = {o.decode() for o in await self._call(self._redis.smembers(keys.PRESENCE_REPLICAS))}
         for owner in owners - {self.owner}:
-            if await self._call(self._redis.exists(heartbeat_key(owner))):
+            if await self._call(self._redis.exists(keys.heartbeat(owner))):
                 continue
             log.info("presence: replica process %s stopped heartbeating; removing its members", owner)
             await self._reap_owner(owner)
-            await self._call(self._redis.srem(REPLICAS_KEY, owner))
+            await self._call(self._redis.srem(keys.PRESENCE_REPLICAS, owner))
 
     async def _reap_owner(self, owner: str) -> None:
-        rooms = [r.decode() for r in await self._call(self._redis.smembers(rooms_key(owner)))]
+        rooms = [r.decode() for r in await self._call(self._redis.smembers(keys.presence_rooms(owner)))]
         for room in rooms:
-            keys = [entries_key(room), users_key(room), channel_key(room), names_key(room)]
-            await self._call(self._reap(keys=keys, args=[f"{owner}.", "-", "-", room]))
-        await self._call(self._redis.delete(rooms_key(owner)))
+            room_keys = [keys.presence_entries(room), keys.online(room), keys.channel(room), keys.names(room)]
+            await self._call(self._reap(keys=room_keys, args=[f"{owner}.", "-", "-", room]))
+        await self._call(self._redis.delete(keys.presence_rooms(owner)))
 
 
 def create_presence(settings: Settings, broker: Broker, *, owner: str) -> Presence:
-    if isinstance(broker, RedisBroker):
-        return RedisPresence(settings, broker.commands, owner=owner)
+    commands = broker.commands
+    if commands is not None:
+        return RedisPresence(settings, commands, owner=owner)
     return MemoryPresence(broker)

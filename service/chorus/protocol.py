@@ -1,4 +1,4 @@
-"""The wire protocol: frame shapes, close codes and error codes, listed once.
+"""The wire protocol: frame shapes, close codes, error codes and rejection reasons, listed once.
 
 Message frames are built once per replica as bytes and shared by every member of a room,
 so the hot path never parses or serialises JSON per subscriber.
@@ -38,6 +38,11 @@ CLOSE_TRY_AGAIN_LATER: Final = 1013  # slow consumer: the send queue overflowed
 # What clients send: a page going away (1001), a close frame without a code (1005).
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_NO_STATUS: Final = 1005
+# Never on the wire: how a server reports a connection that dropped without a close frame.
+CLOSE_ABNORMAL: Final = 1006
+# Codes a client's own close carries (and Chorus's plain 1000); README's close-code table
+# lists the others, each with its Chorus meaning (tests/test_names.py checks it).
+CLIENT_CLOSE_CODES: Final = frozenset({CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_NO_STATUS})
 
 # chorus_connections_closed_total{code} label values: a closed set, so a client cannot mint
 # series by picking close codes (4000-4999 alone are a thousand).
@@ -66,7 +71,7 @@ CLOSE_LABELS: Final = (
 
 def close_label(code: int | None) -> str:
     """The metric label for a close: a code from CLOSE_CODES, `client_other` or `abnormal` (None, 1006)."""
-    if code is None or code == 1006:
+    if code is None or code == CLOSE_ABNORMAL:
         return CLOSE_LABEL_ABNORMAL
     return str(code) if code in CLOSE_CODES else CLOSE_LABEL_CLIENT_OTHER
 
@@ -76,6 +81,32 @@ ERROR_INVALID: Final = "invalid"
 ERROR_TOO_LARGE: Final = "too_large"
 ERROR_UNAVAILABLE: Final = "unavailable"
 ERROR_RATE_LIMITED: Final = "rate_limited"
+ERROR_CODES: Final = frozenset({ERROR_INVALID, ERROR_TOO_LARGE, ERROR_UNAVAILABLE, ERROR_RATE_LIMITED})
+
+# Rejection reasons (chorus_rejections_total{reason}): why a handshake or a room read was
+# refused, or a socket closed for breaking a rule. A closed set, used by reference; listed in
+# README and docs/security.md.
+REJECT_BAD_REQUEST: Final = "bad_request"
+REJECT_UNAUTHORIZED: Final = "unauthorized"
+REJECT_FORBIDDEN_ROOM: Final = "forbidden_room"
+REJECT_ORIGIN: Final = "origin"
+REJECT_HOST: Final = "host"  # Host header not in CHORUS_ALLOWED_HOSTS
+REJECT_DRAINING: Final = "draining"
+REJECT_MAX_CONNECTIONS: Final = "max_connections"
+REJECT_MAX_CONNECTIONS_PER_USER: Final = "max_connections_per_user"
+REJECT_BINARY: Final = "binary"
+REJECT_FLOOD: Final = "flood"
+REJECT_INVALID_UTF8: Final = "invalid_utf8"
+REJECT_FRAME_TOO_LARGE: Final = "frame_too_large"
+# ... and those of the HTTP front door (chorus.httpguard).
+REJECT_HEAD_TIMEOUT: Final = "head_timeout"
+REJECT_TOO_MANY_PENDING: Final = "too_many_pending"
+REJECT_URL_TOO_LONG: Final = "url_too_long"
+REJECT_HEADERS_TOO_LARGE: Final = "headers_too_large"
+# Every REJECT_* above, collected rather than listed a second time.
+REJECTION_REASONS: Final = frozenset(
+    value for name, value in dict(globals()).items() if name.startswith("REJECT_")
+)
 
 _MESSAGE_PREFIX: Final = b'{"type":"message","id":"'
 _PRESENCE_PREFIX: Final = b'{"type":"presence",'

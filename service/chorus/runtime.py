@@ -6,10 +6,10 @@ import asyncio
 import itertools
 import logging
 import random
-import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import Any, Final, TypedDict
 
 from fastapi import Request, WebSocket
 
@@ -36,9 +36,10 @@ class Runtime:
     presence: Presence
     gatekeeper: Gatekeeper
     limiter: UserLimiter
+    # Every connection tag starts with it (`next_tag`); presence names this process's entries by it.
+    tag_prefix: bytes
     # Sockets accepted or being accepted on this replica (the CHORUS_MAX_CONNECTIONS count).
     sockets: int = 0
-    tag_prefix: bytes = field(default_factory=lambda: secrets.token_hex(4).encode())
     _tags: itertools.count[int] = field(default_factory=itertools.count)
     _drained: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -70,8 +71,25 @@ class Runtime:
         self._drained.set()
 
 
+# The lifespan state's one key; `State` spells it for the type checker (a test keeps them equal).
+STATE_KEY: Final = "chorus"
+
+
 class State(TypedDict):
+    """The lifespan state: the app's Runtime under STATE_KEY."""
+
     chorus: Runtime
+
+
+def lifespan_state(runtime: Runtime) -> State:
+    """What the lifespan yields: starlette copies it into every request's `state`."""
+    return State(chorus=runtime)
+
+
+def runtime_in(state: Mapping[str, Any]) -> Runtime | None:
+    """The Runtime in a lifespan state (uvicorn's `lifespan.state`); None before startup."""
+    runtime = state.get(STATE_KEY)
+    return runtime if isinstance(runtime, Runtime) else None
 
 
 def runtime_of(conn: Request | WebSocket) -> Runtime:

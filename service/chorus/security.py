@@ -17,14 +17,15 @@ import jwt
 from starlette.datastructures import Headers
 
 from .config import Settings
-from .metrics import (
+from .protocol import (
     REJECT_BAD_REQUEST,
     REJECT_FORBIDDEN_ROOM,
     REJECT_HOST,
     REJECT_ORIGIN,
     REJECT_UNAUTHORIZED,
+    USERNAME_RULE,
+    is_username,
 )
-from .protocol import USERNAME_RULE, is_username
 
 SUBPROTOCOL: Final = "chorus.v1"
 BEARER_PREFIX: Final = "bearer."

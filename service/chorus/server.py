@@ -20,6 +20,7 @@ from uvicorn_worker import UvicornWorker
 
 from .config import Settings
 from .httpguard import HeadLimits, guarded_http
+from .runtime import runtime_in
 
 log = logging.getLogger("chorus.server")
 
@@ -77,7 +78,7 @@ class ChorusServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         try:
-            runtime = self.lifespan.state.get("chorus") if hasattr(self, "lifespan") else None
+            runtime = runtime_in(self.lifespan.state) if hasattr(self, "lifespan") else None
             if runtime is not None:
                 await runtime.drain()
         except Exception:
@@ -105,8 +106,17 @@ class ChorusWorker(UvicornWorker):
         super().__init__(*args, **kwargs)
         from .config import load_settings
 
-        for key, value in server_options(load_settings()).items():
+        # The worker's one read of the environment: its server options and its app both use it.
+        self.settings = load_settings()
+        for key, value in server_options(self.settings).items():
             setattr(self.config, key, value)
+
+    def load_wsgi(self) -> None:
+        """Build the app from this worker's settings (not gunicorn's `chorus.app:create_app()`,
+        which would read the environment a second time)."""
+        from .app import create_app
+
+        self.wsgi = create_app(self.settings)
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi

@@ -18,6 +18,7 @@ from .broker import BrokerUnavailable
 from .connection import Connection
 from .presence import Member
 from .protocol import (
+    CLOSE_ABNORMAL,
     CLOSE_INTERNAL_ERROR,
     CLOSE_INVALID_PAYLOAD,
     CLOSE_NO_STATUS,
@@ -28,6 +29,14 @@ from .protocol import (
     ERROR_RATE_LIMITED,
     ERROR_UNAVAILABLE,
     MAX_HISTORY,
+    REJECT_BAD_REQUEST,
+    REJECT_BINARY,
+    REJECT_DRAINING,
+    REJECT_FLOOD,
+    REJECT_FRAME_TOO_LARGE,
+    REJECT_INVALID_UTF8,
+    REJECT_MAX_CONNECTIONS,
+    REJECT_MAX_CONNECTIONS_PER_USER,
     ROOM_RULE,
     USERNAME_RULE,
     ProtocolError,
@@ -88,7 +97,7 @@ async def serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> Non
     try:
         # Counted per user_key: `Dave` and `dave` share the cap.
         if not await runtime.limiter.acquire(user_key(identity.user), tag.decode()):
-            metrics.REJECTIONS.labels(metrics.REJECT_MAX_CONNECTIONS_PER_USER).inc()
+            metrics.REJECTIONS.labels(REJECT_MAX_CONNECTIONS_PER_USER).inc()
             limit = runtime.settings.max_connections_per_user
             detail = f"{identity.user} already has {limit} connections open"
             await websocket.send_denial_response(JSONResponse({"detail": detail}, status_code=429))
@@ -107,25 +116,25 @@ def _admit(websocket: WebSocket, room: str, runtime: Runtime) -> tuple[Identity,
     params = websocket.query_params
     runtime.gatekeeper.check_host(websocket.headers)
     if not is_room(room):
-        raise Rejection(400, metrics.REJECT_BAD_REQUEST, ROOM_RULE)
+        raise Rejection(400, REJECT_BAD_REQUEST, ROOM_RULE)
     runtime.gatekeeper.check_origin(websocket.headers)
     identity, subprotocol = runtime.gatekeeper.identify(websocket.headers, params, room)
     if not identity.user:
         identity = Identity(f"anon-{secrets.token_hex(2)}")
     if not is_username(identity.user):
-        raise Rejection(400, metrics.REJECT_BAD_REQUEST, USERNAME_RULE)
+        raise Rejection(400, REJECT_BAD_REQUEST, USERNAME_RULE)
     try:
         history = int(params.get("history", DEFAULT_HISTORY))
         if not 0 <= history <= MAX_HISTORY:
             raise ValueError
     except ValueError:
         raise Rejection(
-            400, metrics.REJECT_BAD_REQUEST, f"history must be a whole number from 0 to {MAX_HISTORY}"
+            400, REJECT_BAD_REQUEST, f"history must be a whole number from 0 to {MAX_HISTORY}"
         ) from None
     if runtime.health.draining:
-        raise Rejection(503, metrics.REJECT_DRAINING, "this replica is draining; reconnect")
+        raise Rejection(503, REJECT_DRAINING, "this replica is draining; reconnect")
     if settings.max_connections and runtime.sockets >= settings.max_connections:
-        raise Rejection(503, metrics.REJECT_MAX_CONNECTIONS, "this replica is full; reconnect")
+        raise Rejection(503, REJECT_MAX_CONNECTIONS, "this replica is full; reconnect")
     return identity, subprotocol, history
 
 
@@ -176,7 +185,7 @@ async def _session(
                 break
             text = message.get("text")
             if text is None:
-                metrics.REJECTIONS.labels(metrics.REJECT_BINARY).inc()
+                metrics.REJECTIONS.labels(REJECT_BINARY).inc()
                 conn.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported")
                 break
             metrics.MESSAGES_RECEIVED.inc()
@@ -199,9 +208,9 @@ async def _session(
         metrics.CONNECTIONS.dec()
         metrics.CONNECTIONS_CLOSED.labels(close_label(close_code)).inc()
         if close_code == CLOSE_INVALID_PAYLOAD:
-            metrics.REJECTIONS.labels(metrics.REJECT_INVALID_UTF8).inc()
+            metrics.REJECTIONS.labels(REJECT_INVALID_UTF8).inc()
         elif close_code == CLOSE_TOO_BIG:
-            metrics.REJECTIONS.labels(metrics.REJECT_FRAME_TOO_LARGE).inc()
+            metrics.REJECTIONS.labels(REJECT_FRAME_TOO_LARGE).inc()
         if websocket.application_state == WebSocketState.CONNECTED and not conn.closing:
             try:
                 await websocket.close()
@@ -216,7 +225,7 @@ def _peer_close_code(message: Message) -> int | None:
     `reason` key (`connection_lost`), where a real close frame always carries `reason`.
     """
     code = message.get("code", CLOSE_NO_STATUS)
-    if code == 1006 or (code == CLOSE_NO_STATUS and "reason" not in message):
+    if code == CLOSE_ABNORMAL or (code == CLOSE_NO_STATUS and "reason" not in message):
         return None
     return int(code)
 
@@ -243,7 +252,7 @@ def _close_at_expiry(conn: Connection, identity: Identity) -> asyncio.TimerHandl
 def _rate_limited(conn: Connection, bucket: TokenBucket, flood_seconds: float, text: str) -> None:
     metrics.MESSAGES_DROPPED.labels(metrics.DROP_RATE_LIMITED).inc()
     if bucket.flooding_for() >= flood_seconds:
-        metrics.REJECTIONS.labels(metrics.REJECT_FLOOD).inc()
+        metrics.REJECTIONS.labels(REJECT_FLOOD).inc()
         log.info("closing %s in %s: over the rate limit for %.0fs", conn.user, conn.room, flood_seconds)
         conn.close(CLOSE_POLICY, "rate limit exceeded")
         return

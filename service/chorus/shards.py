@@ -1,7 +1,7 @@
 """Sharded pub/sub for Redis Cluster: each channel `SSUBSCRIBE`d on the shard that owns its slot.
 
 The same contract as `chorus.backend.RedisPubSubBackend` (bytes payloads, `wait_live`, a
-`GAP` event after every re-subscription, so the hub back-fills from the room's stream), with
+`GAP_MARK` event after every re-subscription, so the hub back-fills from the room's stream), with
 one connection per shard master instead of one connection in all:
 
 - the slot map comes from `CLUSTER SLOTS` on any reachable node (seeds first) and is
@@ -17,25 +17,14 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
-import random
-import ssl
 from collections.abc import Callable
 from typing import Final
 
 from broadcaster import Event
 from redis.crc import key_slot
 
-from .backend import (
-    BACKOFF_CAP,
-    BACKOFF_INITIAL,
-    GAP,
-    ChannelBackend,
-    RespError,
-    encode_command,
-    open_authenticated,
-    reply_batches,
-    request,
-)
+from .backend import CONNECTION_ERRORS, GAP_MARK, ChannelBackend, reply_batches, request
+from .resp import RespError, encode_command
 from .topology import Topology
 
 log = logging.getLogger("chorus.shards")
@@ -68,15 +57,14 @@ class _Shard:
 class ShardedPubSubBackend(ChannelBackend):
     """Redis Cluster sharded pub/sub for broadcaster; see the module docstring."""
 
+    MESSAGE_KIND = b"smessage"
+    CONFIRM_KINDS = (b"ssubscribe", b"sunsubscribe")
+
     def __init__(
         self, topology: Topology, *, on_connection_change: Callable[[bool], None] | None = None
     ) -> None:
-        super().__init__(on_connection_change)
+        super().__init__(topology, on_connection_change)
         self._seeds: list[Address] = list(topology.hosts)
-        self._username = topology.username
-        self._password = topology.password or None
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if topology.tls else None
-        self._wanted: set[str] = set()
         self._confirmed_once: set[str] = set()
         self._owner: dict[str, _Shard] = {}
         self._homeless: set[str] = set()
@@ -86,8 +74,6 @@ class ShardedPubSubBackend(ChannelBackend):
         self._ranges: list[tuple[int, Address]] = []
         self._kick = asyncio.Event()
         self._failed = False
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
 
     # -- BroadcastBackend -------------------------------------------------------------------
 
@@ -161,7 +147,6 @@ class ShardedPubSubBackend(ChannelBackend):
             self._kick.set()
 
     async def _supervise(self) -> None:
-        backoff = BACKOFF_INITIAL
         while not self._stopping:
             try:
                 await asyncio.wait_for(self._kick.wait(), CHECK_SECONDS)
@@ -170,14 +155,12 @@ class ShardedPubSubBackend(ChannelBackend):
             self._kick.clear()
             if self._failed:
                 self._failed = False
-                # Full jitter keeps a fleet of replicas from reconnecting in lockstep.
-                await asyncio.sleep(random.uniform(backoff / 2, backoff))
-                backoff = min(BACKOFF_CAP, backoff * 2)
+                await self._backoff.wait()
             else:
-                backoff = BACKOFF_INITIAL
+                self._backoff.reset()
             try:
                 await self._refresh_slots()
-            except (OSError, ConnectionError, RespError, TimeoutError) as exc:
+            except CONNECTION_ERRORS as exc:
                 log.warning("cannot read the Redis Cluster slot map: %s; retrying", exc)
                 self._failed = True
                 self._set_connected(False)
@@ -205,7 +188,7 @@ class ShardedPubSubBackend(ChannelBackend):
         errors: list[str] = []
         for address in candidates:
             try:
-                reader, writer = await self._open(address)
+                reader, writer = await self._open_node(address)
             except (OSError, ConnectionError, TimeoutError) as exc:
                 errors.append(f"{address[0]}:{address[1]}: {exc}")
                 continue
@@ -225,16 +208,11 @@ class ShardedPubSubBackend(ChannelBackend):
             return
         raise ConnectionError("; ".join(errors) or "no seed nodes")
 
-    async def _open(self, address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await open_authenticated(
-            *address, tls=self._ssl, username=self._username, password=self._password
-        )
-
     # -- one shard's connection -------------------------------------------------------------
 
     async def _run_shard(self, shard: _Shard) -> None:
         try:
-            reader, shard.writer = await self._open(shard.address)
+            reader, shard.writer = await self._open_node(shard.address)
             shard.outstanding.clear()
             for channel in sorted(shard.channels):
                 shard.write(b"SSUBSCRIBE", channel)
@@ -242,7 +220,7 @@ class ShardedPubSubBackend(ChannelBackend):
             raise ConnectionError("Redis closed the pub/sub connection")
         except asyncio.CancelledError:
             raise
-        except (OSError, ConnectionError, RespError, asyncio.IncompleteReadError, TimeoutError) as exc:
+        except CONNECTION_ERRORS as exc:
             if not self._stopping:
                 log.warning("sharded pub/sub connection to %s:%d lost: %s", *shard.address, exc)
         finally:
@@ -266,19 +244,15 @@ class ShardedPubSubBackend(ChannelBackend):
                 raise ConnectionError("pub/sub connection closed")
             shard.writer.write(encode_command(b"PING"))
 
-        put = self._queue.put_nowait
+        def answered(channel: str, unsubscribed: bool) -> None:
+            self._answered(shard, channel, unsubscribed)
+
         async for batch in reply_batches(reader, keepalive):
-            for reply in batch:
-                if isinstance(reply, RespError):
-                    # -MOVED/-CLUSTERDOWN to an SSUBSCRIBE: our map is stale; start over.
-                    raise reply
-                if not isinstance(reply, list) or len(reply) < 3:
-                    continue
-                kind = reply[0]
-                if kind == b"smessage":
-                    put(Event(reply[1].decode(errors="replace"), reply[2]))
-                elif kind in (b"ssubscribe", b"sunsubscribe"):
-                    self._answered(shard, reply[1].decode(errors="replace"), kind == b"sunsubscribe")
+            self._dispatch(batch, answered)
+
+    def _error_reply(self, reply: RespError) -> None:
+        # -MOVED/-CLUSTERDOWN to an SSUBSCRIBE: our map is stale; start over.
+        raise reply
 
     def _answered(self, shard: _Shard, channel: str, unsubscribed: bool) -> None:
         left = shard.outstanding.get(channel, 0)
@@ -294,7 +268,7 @@ class ShardedPubSubBackend(ChannelBackend):
         if channel not in self._wanted or self._owner.get(channel) is not shard:
             return
         if channel in self._confirmed_once:
-            self._queue.put_nowait(Event(channel, GAP))
+            self._queue.put_nowait(Event(channel, GAP_MARK))
         self._confirmed_once.add(channel)
         event = self._live.get(channel)
         if event is not None:

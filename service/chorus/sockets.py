@@ -7,6 +7,10 @@ close would wait forever and the keepalive timeout would end the socket with 101
 peer has not read yet, so the peer sees 1013 if it ever reads again). This relies on the
 websockets-sansio protocol of the uvicorn version pinned in pyproject.toml; with any other
 server it returns False and the caller falls back to the ASGI close.
+
+This is the one module that reads uvicorn's WebSocket protocol internals: `UVICORN_INTERNALS`
+lists them, and tests/test_uvicorn_contract.py fails when the installed uvicorn differs from
+`PINNED_UVICORN` or the fast path (`FrameWriter.for_send`, `close_now`) is lost under it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,20 @@ from starlette.types import Scope
 from websockets.protocol import State
 
 RAW_SEND: Final = "chorus.raw_send"
+
+PINNED_UVICORN: Final = "0.54.0"
+# uvicorn's private names used below (attributes of its websockets-sansio protocol).
+UVICORN_INTERNALS: Final = (
+    "conn",
+    "transport",
+    "writable",
+    "close_sent",
+    "disconnected",
+    "close_timer",
+    "close_timeout",
+    "queue",
+    "loop",
+)
 
 
 def close_now(scope: Scope, code: int, reason: str) -> bool:

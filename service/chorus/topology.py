@@ -146,10 +146,15 @@ def _db(text: str, url: str) -> int:
 
 
 def command_client(
-    topology: Topology, *, timeout: float, max_connections: int, health_check_interval: float = 0
+    topology: Topology,
+    *,
+    timeout: float,
+    max_connections: int,
+    health_check_interval: float = 0,
+    sentinel: Sentinel | None = None,
 ) -> aioredis.Redis | aioredis.RedisCluster:
     """A redis-py client for commands and scripts, for any topology (RESP2, `timeout` everywhere,
-    at most `max_connections` per Redis node)."""
+    at most `max_connections` per Redis node); `sentinel` is required for a Sentinel topology."""
     common: dict[str, Any] = {
         "protocol": 2,
         "socket_connect_timeout": timeout,
@@ -163,8 +168,7 @@ def command_client(
     if topology.mode == "cluster":
         nodes = [ClusterNode(host, port) for host, port in topology.hosts]
         return aioredis.RedisCluster(startup_nodes=nodes, ssl=topology.tls, **auth, **common)
-    sentinel = sentinels(topology, timeout=timeout)
-    assert topology.master_name is not None
+    assert sentinel is not None and topology.master_name is not None
     client: aioredis.Redis = sentinel.master_for(
         topology.master_name, db=topology.db, ssl=topology.tls, **auth, **common
     )
@@ -187,10 +191,10 @@ def sentinels(topology: Topology, *, timeout: float) -> Sentinel:
 class SentinelResolver:
     """Asks the sentinels for the current master's address (the pub/sub backend's resolver)."""
 
-    def __init__(self, topology: Topology, *, timeout: float) -> None:
+    def __init__(self, topology: Topology, sentinel: Sentinel) -> None:
         assert topology.master_name is not None
         self._name = topology.master_name
-        self._sentinel = sentinels(topology, timeout=timeout)
+        self._sentinel = sentinel  # the process's one Sentinel, shared with the command client
 
     async def __call__(self) -> tuple[str, int]:
         try:
