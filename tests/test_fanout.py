@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chat import Chat, metric_value, metrics_text, texts
 from chorus.devcluster import LocalCluster
-from conftest import MemoryReplica
+from tests.chat import Chat, metric_value, metrics_text, texts
+from tests.conftest import MemoryReplica
 
 pytestmark = pytest.mark.anyio
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
-import wsraw
-from chat import Chat
 from chorus.devcluster import LocalCluster, http_status
+from tests import wsraw
+from tests.chat import Chat
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

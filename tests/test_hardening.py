@@ -18,10 +18,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-import wsraw
-from chat import Chat, metrics_text
 from chorus.devcluster import LocalCluster, RedisServer
 from chorus.protocol import CLOSE_LABELS
+from tests import wsraw
+from tests.chat import Chat, metrics_text
 
 pytestmark = pytest.mark.anyio
 

@@ -23,7 +23,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 from websockets.http11 import Request, Response
 
-from k8s import ROOT
+from tests.k8s import ROOT
 
 
 def _load() -> ModuleType:

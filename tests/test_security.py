@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-import wsraw
-from chat import Chat, metrics_text
 from chorus.devcluster import LocalCluster, RedisServer
+from tests import wsraw
+from tests.chat import Chat, metrics_text
 
 pytestmark = pytest.mark.anyio
 
