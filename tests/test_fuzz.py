@@ -180,6 +180,7 @@ async def test_fuzzed_replica_stays_up_fair_and_bounded(make_cluster: Callable[.
     assert statuses and set(statuses) == {431}, f"endless headers are answered 431: {statuses}"
 
     deadline = time.monotonic() + 20
+
     def from_sender() -> list[str]:
         return [f["text"] for f in receiver.of("message") if f["user"] == "good-sender"]
 
