@@ -131,7 +131,8 @@ async def traffic(sender: Chat, prefix: str, count: int, outcomes: dict[str, str
         cid = f"{prefix}{i}"
         await sender.send(cid, client_id=cid)
         frame = await sender.wait_for(
-            lambda f, cid=cid: f.get("client_id") == cid and f.get("type") in ("ack", "error"), timeout=10
+            lambda f: f.get("client_id") == cid and f.get("type") in ("ack", "error"),  # noqa: B023 - awaited here
+            timeout=10,
         )
         outcomes[cid] = frame["id"] if frame["type"] == "ack" else "error:" + frame["code"]
         await asyncio.sleep(0.02)
