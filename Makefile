@@ -34,10 +34,12 @@ cluster: system-deps $(BIN)/chorus ## Redis + REPLICAS replicas behind a round-r
 test: system-deps test-deps k8s-tools ## Install what the tests need (redis-server, haproxy, ...) and run the whole suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+LINT_PATHS ?= service tests loadtest
+
 .PHONY: lint
-lint: test-deps ## ruff and mypy --strict on the service
-	$(BIN)/ruff check service tests
-	$(BIN)/ruff format --check service
+lint: test-deps ## ruff (check and format) on service, tests and loadtest; mypy --strict on service and tests
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 
 ##@ Benchmark

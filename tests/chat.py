@@ -28,7 +28,7 @@ class Chat:
     async def join(cls, base: str, room: str, timeout: float = 10, **params: object) -> Chat:
         query = "&".join(f"{key}={value}" for key, value in params.items())
         ws = await connect(f"{base}/ws/{room}?{query}", open_timeout=timeout, max_size=2**22)
-        welcome = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        welcome: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), timeout))
         assert welcome["type"] == "welcome", welcome
         return cls(ws, welcome)
 
@@ -51,11 +51,11 @@ class Chat:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no matching frame in {timeout}s; got {self.frames[-5:]}")
-            frame = json.loads(await asyncio.wait_for(self.ws.recv(), remaining))
-            self.frames.append(frame)
-            if predicate(frame):
-                frame["_seen"] = True
-                return frame
+            received: dict[str, Any] = json.loads(await asyncio.wait_for(self.ws.recv(), remaining))
+            self.frames.append(received)
+            if predicate(received):
+                received["_seen"] = True
+                return received
 
     async def collect(self, count: int, kind: str = "message", timeout: float = 10) -> list[dict[str, Any]]:
         """Wait until `count` frames of `kind` have arrived in total; return them in order."""

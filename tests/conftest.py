@@ -36,17 +36,27 @@ def redis(redis_server: RedisServer) -> RedisServer:
     return redis_server
 
 
+@pytest.fixture(scope="session")
+def unthrottled() -> dict[str, str]:
+    """The environment that lifts the per-socket rate limit for replicas under test.
+
+    Tests send in bursts far above a person's typing speed; the rate limit has its own tests
+    (which set CHORUS_RATE_* themselves, over this).
+    """
+    return {"CHORUS_RATE_LIMIT": "5000", "CHORUS_RATE_BURST": "5000"}
+
+
 @pytest.fixture
 def make_cluster(
-    redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+    redis: RedisServer, tmp_path_factory: pytest.TempPathFactory, unthrottled: dict[str, str]
 ) -> Iterator[Callable[..., LocalCluster]]:
     """Start local clusters (replicas + HAProxy) on the session Redis; all stopped afterwards."""
     started: list[LocalCluster] = []
 
     def make(replicas: int = 3, **kwargs: object) -> LocalCluster:
-        # Tests send in bursts far above a person's typing speed; the rate limit has its own tests.
-        env = {"CHORUS_RATE_LIMIT": "5000", "CHORUS_RATE_BURST": "5000", **kwargs.pop("env", {})}  # type: ignore[dict-item]
-        kwargs["env"] = env
+        extra = kwargs.pop("env", {})
+        assert isinstance(extra, dict)
+        kwargs["env"] = {**unthrottled, **extra}
         cluster = LocalCluster(
             replicas,
             redis=redis,

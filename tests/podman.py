@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from k8s import ROOT, RenderedPod
+from tests.k8s import ROOT, RenderedPod
 
 STATE_DIR = Path(os.environ.get("CHORUS_PODMAN_DIR", "/var/tmp/chorus-podman"))
 

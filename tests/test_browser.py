@@ -14,7 +14,7 @@ from chorus.devcluster import LocalCluster
 # Never fetch a browser: the tests drive the system Chromium from the OS packages.
 os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
 
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Dialog, Page, expect, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -45,7 +45,12 @@ def open_chat(browser: Browser, url: str, name: str, room: str) -> Page:
     page = browser.new_context(viewport={"width": 900, "height": 640}).new_page()
     page.set_default_timeout(TIMEOUT_MS)
     dialogs: list[str] = []
-    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+
+    def on_dialog(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
     page.dialogs = dialogs  # type: ignore[attr-defined]
     page.goto(url + "/")
     page.get_by_label("Your name").fill(name)

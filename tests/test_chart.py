@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from k8s import (
+from tests.k8s import (
     CHART,
     CI_VALUES,
     NAMESPACE,

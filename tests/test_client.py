@@ -19,7 +19,6 @@ import jwt
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from chat import metric_value, metrics_text, poll
 from chorus.client import (
     FATAL_CLOSE_CODES,
     Ack,
@@ -42,6 +41,7 @@ from chorus.client import (
 )
 from chorus.client.retry import parse_retry_after
 from chorus.devcluster import LocalCluster
+from tests.chat import metric_value, metrics_text, poll
 
 pytestmark = pytest.mark.anyio
 

@@ -10,8 +10,8 @@ import pytest
 import redis as redis_sync
 from redis.crc import key_slot
 
-from chat import Chat, poll, texts
 from chorus.devcluster import HarnessError, LocalCluster, RedisCluster, RedisServer, wait_until
+from tests.chat import Chat, poll, texts
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -46,8 +46,10 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 
 
 @pytest.fixture
-def chorus(redis_cluster: RedisCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    env = {"CHORUS_REDIS_URL": redis_cluster.url, "CHORUS_RATE_LIMIT": "5000", "CHORUS_RATE_BURST": "5000"}
+def chorus(
+    redis_cluster: RedisCluster, tmp_path_factory: pytest.TempPathFactory, unthrottled: dict[str, str]
+) -> Iterator[LocalCluster]:
+    env = {"CHORUS_REDIS_URL": redis_cluster.url, **unthrottled}
     cluster = LocalCluster(
         2, redis=redis_cluster.nodes[0], env=env, workdir=tmp_path_factory.mktemp("chorus")
     )
@@ -129,7 +131,8 @@ async def traffic(sender: Chat, prefix: str, count: int, outcomes: dict[str, str
         cid = f"{prefix}{i}"
         await sender.send(cid, client_id=cid)
         frame = await sender.wait_for(
-            lambda f, cid=cid: f.get("client_id") == cid and f.get("type") in ("ack", "error"), timeout=10
+            lambda f: f.get("client_id") == cid and f.get("type") in ("ack", "error"),  # noqa: B023 - awaited here
+            timeout=10,
         )
         outcomes[cid] = frame["id"] if frame["type"] == "ack" else "error:" + frame["code"]
         await asyncio.sleep(0.02)

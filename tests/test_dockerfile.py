@@ -8,7 +8,7 @@ import shlex
 import tomllib
 from fnmatch import fnmatch
 
-from k8s import ROOT, chorus_deployment, render
+from tests.k8s import ROOT, chorus_deployment, render
 
 DOCKERFILE = ROOT / "Dockerfile"
 

@@ -9,18 +9,19 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from chat import Chat, metric_value, metrics_text, texts
 from chorus.devcluster import LocalCluster
-from conftest import MemoryReplica
+from tests.chat import Chat, metric_value, metrics_text, texts
+from tests.conftest import MemoryReplica
 
 pytestmark = pytest.mark.anyio
 
 
-async def join_spread(cluster: LocalCluster, room: str, count: int, **params: object) -> list[Chat]:
+async def join_spread(cluster: LocalCluster, room: str, count: int, **params: Any) -> list[Chat]:
     """Join through the proxy until members sit on every replica (round robin spreads them)."""
     chats = [await Chat.join(cluster.ws_url, room, username=f"u{i}", **params) for i in range(count)]
     assert len({chat.replica for chat in chats}) == len(cluster.replicas), [c.replica for c in chats]

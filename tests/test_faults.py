@@ -13,9 +13,9 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-import wsraw
-from chat import Chat, metric_value, metrics_text, poll, texts
 from chorus.devcluster import LocalCluster, RedisServer, find_binary, http_status
+from tests import wsraw
+from tests.chat import Chat, metric_value, metrics_text, poll, texts
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
-import wsraw
-from chat import Chat
 from chorus.devcluster import LocalCluster, http_status
+from tests import wsraw
+from tests.chat import Chat
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -180,6 +180,7 @@ async def test_fuzzed_replica_stays_up_fair_and_bounded(make_cluster: Callable[.
     assert statuses and set(statuses) == {431}, f"endless headers are answered 431: {statuses}"
 
     deadline = time.monotonic() + 20
+
     def from_sender() -> list[str]:
         return [f["text"] for f in receiver.of("message") if f["user"] == "good-sender"]
 

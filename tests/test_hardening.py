@@ -11,6 +11,7 @@ import re
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import jwt
@@ -18,10 +19,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-import wsraw
-from chat import Chat, metrics_text
 from chorus.devcluster import LocalCluster, RedisServer
 from chorus.protocol import CLOSE_LABELS
+from tests import wsraw
+from tests.chat import Chat, metrics_text
 
 pytestmark = pytest.mark.anyio
 
@@ -215,7 +216,8 @@ async def test_8_the_token_is_redacted_however_its_name_is_spelled(
     cluster = make_cluster(1, env=AUTH)
     base = cluster.replica_ws_url(0)
     secrets = {name: token(name) for name in ("encoded", "upper", "third", "http", "plus")}
-    chat = await Chat.join(base, "r", **{"%74oken": secrets["encoded"]})
+    query: dict[str, Any] = {"%74oken": secrets["encoded"]}
+    chat = await Chat.join(base, "r", **query)
     assert chat.welcome["user"] == "encoded", "Starlette decodes the name: this is the token"
     await chat.close()
     assert await refused(f"{base}/ws/r?TOKEN={secrets['upper']}") == 403
@@ -251,7 +253,7 @@ async def test_9_text_policy_refuses_controls_bidi_and_invisible_messages(
     ]
     for i, text in enumerate(refused_texts):
         await sender.send(text, client_id=f"j{i}")
-        error = await sender.wait_for(lambda f, i=i: f.get("client_id") == f"j{i}")
+        error = await sender.wait_for(lambda f: f.get("client_id") == f"j{i}")  # noqa: B023 - awaited here
         assert (error["type"], error["code"]) == ("error", "invalid"), (text, error)
         await sender.ws.send(text)  # the same as a plain text frame
         error = await sender.wait_for(lambda f: f.get("type") == "error" and "client_id" not in f)

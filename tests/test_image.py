@@ -22,10 +22,10 @@ from urllib.parse import urlsplit
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from chat import Chat, poll
 from chorus.devcluster import LocalCluster, RedisServer, http_status
-from k8s import RELEASE, RenderedPod, find, render
-from podman import BuiltImage, Podman, run_argv
+from tests.chat import Chat, poll
+from tests.k8s import RELEASE, RenderedPod, find, render
+from tests.podman import BuiltImage, Podman, run_argv
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 

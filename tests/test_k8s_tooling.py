@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from chorus.devcluster import find_binary
-from k8s import CHART, ROOT, run, tool
+from tests.k8s import CHART, ROOT, run, tool
 
 SCRIPTS = sorted((ROOT / "k8s").rglob("*.sh"))
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))

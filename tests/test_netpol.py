@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
-from k8s import CHART, CI_VALUES, NAMESPACE, RELEASE, find, render, selects
+from tests.k8s import CHART, CI_VALUES, NAMESPACE, RELEASE, find, render, selects
 
 NAME_LABEL = "kubernetes.io/metadata.name"
 

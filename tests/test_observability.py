@@ -18,12 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from loadtest.dashboard import panel_queries, render_png, substitute
-from loadtest.prometheus import PrometheusServer
 from websockets.exceptions import ConnectionClosed
 
-from chat import Chat
 from chorus.devcluster import LocalCluster, wait_until
+from loadtest.dashboard import panel_queries, render_png, substitute
+from loadtest.prometheus import PrometheusServer
+from tests.chat import Chat
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

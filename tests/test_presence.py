@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
-from chat import Chat
 from chorus.devcluster import LocalCluster, wait_until
-from conftest import MemoryReplica
+from tests.chat import Chat
+from tests.conftest import MemoryReplica
 
 pytestmark = pytest.mark.anyio
 

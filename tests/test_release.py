@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from k8s import CHART, ROOT, chorus_deployment, render, run, tool
+from tests.k8s import CHART, ROOT, chorus_deployment, render, run, tool
 
 WORKFLOW = ROOT / ".github" / "workflows" / "release.yml"
 CHECK = ROOT / "k8s" / "tools" / "release_check.py"

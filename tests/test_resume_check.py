@@ -22,7 +22,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from chorus.client import Stats
-from k8s import ROOT
+from tests.k8s import ROOT
 
 
 def _load() -> ModuleType:

@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -15,10 +16,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin
 
-import wsraw
-from chat import Chat, metrics_text
 from chorus.devcluster import LocalCluster, RedisServer
+from tests import wsraw
+from tests.chat import Chat, metrics_text
 
 pytestmark = pytest.mark.anyio
 
@@ -38,7 +40,7 @@ async def refused(url: str, **kwargs: object) -> int:
     return info.value.response.status_code
 
 
-async def join_when_admitted(base: str, room: str, timeout: float = 15, **params: object) -> Chat:
+async def join_when_admitted(base: str, room: str, timeout: float = 15, **params: Any) -> Chat:
     """Join, retrying while the server still counts a socket that was just closed."""
     deadline = time.monotonic() + timeout
     while True:
@@ -110,18 +112,20 @@ async def test_origin_check_and_no_permessage_deflate(make_cluster: Callable[...
     cluster = make_cluster(2, env={"CHORUS_ALLOWED_ORIGINS": "https://chat.example.com"})
     port = cluster.replica_ports[0]
     base = cluster.replica_ws_url(0)
-    assert await refused(f"{base}/ws/r", origin="https://evil.example") == 403  # type: ignore[arg-type]
-    async with connect(f"{base}/ws/r", origin="https://chat.example.com") as sock:  # type: ignore[arg-type]
+    assert await refused(f"{base}/ws/r", origin="https://evil.example") == 403
+    async with connect(f"{base}/ws/r", origin=Origin("https://chat.example.com")) as sock:
         assert json.loads(await sock.recv())["type"] == "welcome"
         # The client offered permessage-deflate (the library's default); the server declines.
+        assert sock.response is not None
         assert sock.response.headers.get("Sec-WebSocket-Extensions") is None
     async with connect(f"{base}/ws/r") as sock:  # no Origin: not a browser
         assert json.loads(await sock.recv())["type"] == "welcome"
     # Default (no list): only the Host's own origin.
     default = make_cluster(1)
     dport = default.replica_ports[0]
-    assert await refused(f"{default.replica_ws_url(0)}/ws/r", origin="http://evil.example") == 403  # type: ignore[arg-type]
-    async with connect(f"{default.replica_ws_url(0)}/ws/r", origin=f"http://127.0.0.1:{dport}") as sock:  # type: ignore[arg-type]
+    assert await refused(f"{default.replica_ws_url(0)}/ws/r", origin="http://evil.example") == 403
+    own_origin = Origin(f"http://127.0.0.1:{dport}")
+    async with connect(f"{default.replica_ws_url(0)}/ws/r", origin=own_origin) as sock:
         assert json.loads(await sock.recv())["type"] == "welcome"
     assert port != dport
 

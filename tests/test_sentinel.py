@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
-from chat import Chat, poll, texts
 from chorus.devcluster import (
     LocalCluster,
     Process,
@@ -20,6 +19,7 @@ from chorus.devcluster import (
     http_status,
     wait_until,
 )
+from tests.chat import Chat, poll, texts
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -110,10 +110,10 @@ def ready_states(cluster: LocalCluster) -> list[int | None]:
 
 
 async def test_master_sigkill_failover(
-    sentinel_setup: SentinelSetup, tmp_path_factory: pytest.TempPathFactory
+    sentinel_setup: SentinelSetup, tmp_path_factory: pytest.TempPathFactory, unthrottled: dict[str, str]
 ) -> None:
     setup = sentinel_setup
-    env = {"CHORUS_REDIS_URL": setup.url, "CHORUS_RATE_LIMIT": "5000", "CHORUS_RATE_BURST": "5000"}
+    env = {"CHORUS_REDIS_URL": setup.url, **unthrottled}
     cluster = LocalCluster(2, redis=setup.master, env=env, workdir=tmp_path_factory.mktemp("chorus"))
     try:
         cluster.start()

@@ -5,6 +5,12 @@ Messages come from `Broker.subscribe(room)`: an async context manager yielding `
 from the stream). They are sent with `append` (stored and published in one step) and read back
 with `read_after`/`recent`. Nothing outside this module sees broadcaster or a pub/sub backend.
 
+Redis is touched here and only through what this module builds, once per process in
+`create_app`: `RedisBroker` holds the pub/sub connection(s) (chorus.backend, or chorus.shards
+for a Cluster) and `RedisCommands`, the one command client; presence and the per-user limiter
+get that client from `Broker.commands` and run their own scripts on their own keys
+(chorus.keys names every key).
+
 `RedisBroker` appends to a Redis Stream and publishes in one Lua script, so pub/sub order is
 stream order and every replica sees the same id. `MemoryBroker` does the same in process for
 a single replica (`CHORUS_REDIS_URL` unset).

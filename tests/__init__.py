@@ -1,0 +1,1 @@
+"""Chorus's test suite: `pytest` from the repository root (testpaths)."""

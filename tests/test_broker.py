@@ -1,0 +1,100 @@
+"""The broker in process, against the session's real redis-server and in memory: the one door.
+
+Each test says which promise of `chorus.broker` broke: ids and order, live delivery through
+`subscribe`, a `Gap` after the pub/sub connection was lost, history reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from chorus.broker import Broker, Gap, MemoryBroker, Message, RedisBroker, Subscription
+from chorus.config import Settings
+from chorus.devcluster import RedisServer
+from chorus.protocol import ZERO_ID, StreamId, decode_published
+
+pytestmark = pytest.mark.anyio
+
+TAIL = b'{"ts":1.5,"room":"r","user":"u","text":"hi","replica":"t"}'
+
+
+@pytest.fixture(params=["redis", "memory"])
+async def broker(request: pytest.FixtureRequest, redis: RedisServer) -> AsyncIterator[Broker]:
+    """A started broker of each kind; Redis is the session's, flushed."""
+    if request.param == "redis":
+        made: Broker = RedisBroker(Settings(redis_url=redis.url, history_size=5))
+    else:
+        made = MemoryBroker(Settings(history_size=5))
+    await made.start()
+    try:
+        yield made
+    finally:
+        await asyncio.wait_for(made.stop(), 5)  # bounded as the lifespan bounds it
+
+
+async def next_message(subscription: Subscription) -> bytes:
+    event = await subscription.get()
+    assert isinstance(event, Message), f"expected a message, got {event!r}"
+    return event.payload
+
+
+async def test_append_publishes_to_subscribers_in_stream_order(broker: Broker) -> None:
+    async with broker.subscribe("r") as subscription:
+        await subscription.live()
+        ids = [await broker.append("r", TAIL, b"s.1") for _ in range(3)]
+        published = [decode_published(await next_message(subscription)) for _ in ids]
+    assert [p.id for p in published] == [StreamId.parse(i) for i in ids], "pub/sub order is not stream order"
+    assert all(p.sender == b"s.1" for p in published)
+    assert published[0].frame.startswith('{"type":"message","id":"')
+    assert sorted(ids) == ids and len(set(ids)) == 3, "ids do not increase"
+
+
+async def test_history_reads_recent_and_after_and_report_a_trimmed_anchor(broker: Broker) -> None:
+    assert await broker.last_id("r") == ZERO_ID
+    ids = [StreamId.parse(await broker.append("r", TAIL, b"s.1")) for _ in range(8)]
+    assert await broker.last_id("r") == ids[-1]
+    assert [e.id for e in await broker.recent("r", 3)] == ids[-3:]
+    after = await broker.read_after("r", ids[-3], 10)
+    assert after is not None and [e.id for e in after] == ids[-2:]
+    # history_size is 5 (MAXLEN ~ may keep a few more in Redis): the first id is gone.
+    assert await broker.read_after("r", StreamId((1, 0)), 10) is None, "a missing anchor is not a gap"
+
+
+async def test_probe_and_announce_reach_only_their_channel(broker: Broker) -> None:
+    async with broker.subscribe_probe("me:1") as probe, broker.subscribe("r") as room:
+        await probe.live()
+        await room.live()
+        await broker.publish_probe("me:1", b"nonce")
+        await broker.announce("r", b"s.1 event")
+        assert await next_message(probe) == b"nonce"
+        assert await next_message(room) == b"s.1 event"
+
+
+async def test_a_lost_pubsub_connection_yields_a_gap_then_messages(redis: RedisServer) -> None:
+    broker = RedisBroker(Settings(redis_url=redis.url))
+    await broker.start()
+    try:
+        async with broker.subscribe("r") as subscription:
+            await subscription.live()
+            redis.cli("CLIENT", "KILL", "TYPE", "pubsub")
+            assert isinstance(await subscription.get(), Gap), "no Gap after the subscription was remade"
+            await subscription.live()
+            msg_id = await broker.append("r", TAIL, b"s.1")
+            assert decode_published(await next_message(subscription)).id == StreamId.parse(msg_id)
+        assert broker.reconnects == 1
+    finally:
+        await broker.stop()
+
+
+async def test_the_command_client_is_public_only_with_redis(redis: RedisServer) -> None:
+    assert MemoryBroker(Settings()).commands is None
+    broker = RedisBroker(Settings(redis_url=redis.url))
+    await broker.start()
+    try:
+        assert broker.commands is not None
+        assert await broker.commands.call(broker.commands.client.ping()) is True
+    finally:
+        await broker.stop()

@@ -1,0 +1,113 @@
+"""A member's send side and an app from create_app(settings), in process (no replica processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+import uvicorn
+
+from chorus import create_app
+from chorus.config import Settings
+from chorus.connection import Connection
+from chorus.devcluster import free_port
+from chorus.protocol import CLOSE_TRY_AGAIN_LATER, StreamId
+from chorus.server import UVICORN_OPTIONS, server_options
+from tests.chat import Chat, poll
+
+pytestmark = pytest.mark.anyio
+
+
+class Socket:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.closed: list[int] = []
+        self.blocked = asyncio.Event()  # a send waits while this is clear: a reader that stopped
+
+    async def send(self, frame: str) -> None:
+        await self.blocked.wait()
+        self.sent.append(frame)
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed.append(code)
+
+
+def connection(socket: Socket, limit: int = 3) -> Connection:
+    return Connection(room="r", user="u", tag=b"t.1", limit=limit, send=socket.send, close=socket.close)
+
+
+async def test_a_full_queue_closes_with_1013_and_frees_it() -> None:
+    socket = Socket()
+    conn = connection(socket)
+    conn.go_live(None)
+    assert all(conn.offer(f"f{i}") for i in range(3))
+    assert conn.offer("one too many") is False
+    await conn.wait_closed()
+    assert socket.closed == [CLOSE_TRY_AGAIN_LATER] and conn.depth == 0
+
+
+async def test_live_copies_of_what_the_replay_sent_are_dropped_in_order() -> None:
+    socket = Socket()
+    socket.blocked.set()
+    conn = connection(socket, limit=10)
+    conn.deliver(StreamId((1, 0)), "live-1")  # arrives during the replay: held
+    conn.deliver(StreamId((2, 0)), "live-2")
+    conn.offer("replayed-1", force=True)
+    conn.go_live(StreamId((1, 0)))  # the replay ended at 1-0
+    await asyncio.sleep(0.05)
+    assert socket.sent == ["replayed-1", "live-2"]
+
+
+def unit_settings() -> Settings:
+    """One replica on the in-process broker; the rate limit lifted as the process tests do."""
+    return Settings(replica_name="unit", rate_limit=5000, rate_burst=5000)
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[str]:
+    """create_app(settings) under the pinned uvicorn in this process, as `chorus serve` runs it;
+    yields its base address."""
+    port = free_port()
+    options = {**UVICORN_OPTIONS, **server_options(settings)}
+    del options["loop"]  # the test's own event loop
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None, **options)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        await poll(lambda: server.started or task.done(), 10, "uvicorn to start")
+        assert server.started, "uvicorn did not start"
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_app_from_create_app_serves_http_and_becomes_ready() -> None:
+    async with serving(unit_settings()) as address, httpx.AsyncClient(base_url=f"http://{address}") as http:
+        assert (await http.get("/livez")).json() == {"status": "ok"}
+        deadline = time.monotonic() + 10
+        while (await http.get("/readyz")).status_code != 200:
+            assert time.monotonic() < deadline, "the memory broker's self-probe never succeeded"
+            await asyncio.sleep(0.05)
+        assert (await http.get("/api/rooms/lobby/history")).json() == {"room": "lobby", "messages": []}
+        assert (await http.get("/api/rooms/no%20spaces/history")).status_code == 400
+
+
+async def test_app_from_create_app_fans_out_a_websocket_message() -> None:
+    async with serving(unit_settings()) as address:
+        a = await Chat.join(f"ws://{address}", "lobby", username="a")
+        b = await Chat.join(f"ws://{address}", "lobby", username="b")
+        await a.send("hi", client_id="c1")
+        ack = await a.wait_for(lambda f: f["type"] == "ack")
+        message = await b.wait_for(lambda f: f["type"] == "message")
+        assert (ack["client_id"], message["text"], message["id"]) == ("c1", "hi", ack["id"])
+        assert a.of("message") == [], "the sender got its own message back"
+        await a.close()
+        await b.close()
+        async with httpx.AsyncClient(base_url=f"http://{address}") as http:
+            history = (await http.get("/api/rooms/lobby/history")).json()["messages"]
+        assert [m["text"] for m in history] == ["hi"]
