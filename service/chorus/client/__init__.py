@@ -12,6 +12,7 @@ refused handshake, resumes with `since=<last id>` and drops messages it has alre
 
 from __future__ import annotations
 
+from ..protocol import CLOSE_DISCONNECTED
 from .errors import (
     ChorusError,
     Disconnected,
@@ -21,7 +22,7 @@ from .errors import (
     SendUnconfirmed,
 )
 from .events import STREAM_TYPES, Ack, Error, Event, Message, Presence, Resync, Welcome, parse_frame
-from .retry import CLOSE_DISCONNECTED, FATAL_CLOSE_CODES, RETRYABLE_STATUSES, Reconnect
+from .retry import FATAL_CLOSE_CODES, RETRYABLE_STATUSES, Reconnect
 from .room import Room, Token, connect
 from .stats import Stats
 
