@@ -21,7 +21,22 @@ from .errors import (
     SendRejected,
     SendUnconfirmed,
 )
-from .events import STREAM_TYPES, Ack, Error, Event, Message, Presence, Resync, Welcome, parse_frame
+from .events import (
+    STREAM_TYPES,
+    Ack,
+    Delete,
+    Edit,
+    Error,
+    Event,
+    Message,
+    Presence,
+    Reaction,
+    Read,
+    Resync,
+    Typing,
+    Welcome,
+    parse_frame,
+)
 from .retry import FATAL_CLOSE_CODES, RETRYABLE_STATUSES, Reconnect
 from .room import Room, Token, connect
 from .stats import Stats
@@ -33,13 +48,17 @@ __all__ = [
     "STREAM_TYPES",
     "Ack",
     "ChorusError",
+    "Delete",
     "Disconnected",
+    "Edit",
     "Error",
     "Event",
     "HandshakeRefused",
     "Message",
     "NotConnected",
     "Presence",
+    "Reaction",
+    "Read",
     "Reconnect",
     "Resync",
     "Room",
@@ -47,6 +66,7 @@ __all__ = [
     "SendUnconfirmed",
     "Stats",
     "Token",
+    "Typing",
     "Welcome",
     "connect",
     "parse_frame",
