@@ -198,7 +198,7 @@ async def _session(
             online = await runtime.presence.join(member)
             conn.offer(welcome_frame(room, user, settings.replica_name, online), force=True)
             await hub.replay(conn, since=since, resume=resume, history=history)
-            await runtime.broker.joined(user_key(user), room, hub.last_id(room))
+            await _record_join(runtime, user, room)
         except BrokerUnavailable as exc:
             log.warning("cannot join %s: %s", room, exc)
             conn.close(CLOSE_INTERNAL_ERROR, "broker unavailable")
@@ -240,6 +240,14 @@ async def _session(
                 await websocket.close()
             except Exception:  # the peer is gone; nothing to tell it
                 pass
+
+
+async def _record_join(runtime: Runtime, user: str, room: str) -> None:
+    """Add the room to the user's rooms (GET /api/me/rooms); the chat works without it."""
+    try:
+        await runtime.broker.joined(user_key(user), room, runtime.hub.last_id(room))
+    except BrokerUnavailable as exc:
+        log.warning("could not record that %s joined %s: %s", user, room, exc)
 
 
 def _peer_close_code(message: Message) -> int | None:
