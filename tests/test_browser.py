@@ -71,6 +71,21 @@ def rejoin(page: Page) -> None:
     expect(page.locator("#status")).to_have_attribute("data-state", "connected", timeout=TIMEOUT_MS)
 
 
+def move_apart(page: Page, other: Page) -> None:
+    """Re-join `page` until it sits on another replica than `other` (round robin, no affinity).
+
+    A join makes a fixed number of requests (socket, presence, rooms); a stray request now and
+    then shifts the rotation so that the socket can land anywhere.
+    """
+    for attempt in range(9):
+        if replica_of(page) != replica_of(other):
+            return
+        if attempt % 2:
+            page.evaluate("fetch('/livez', {cache: 'no-store'})")
+        rejoin(page)
+    assert replica_of(page) != replica_of(other)
+
+
 def say(page: Page, text: str) -> None:
     box = page.get_by_role("textbox", name="Message", exact=True)
     box.fill(text)
@@ -94,11 +109,7 @@ def test_two_pages_on_two_replicas_chat_and_survive_a_replica_kill(
 ) -> None:
     alice = open_chat(browser, cluster.url, "alice", "lobby")
     bob = open_chat(browser, cluster.url, "bob", "lobby")
-    for _ in range(6):  # round robin: a few re-joins put bob on another replica
-        if replica_of(bob) != replica_of(alice):
-            break
-        rejoin(bob)
-    assert replica_of(bob) != replica_of(alice)
+    move_apart(bob, alice)
 
     expect_online(alice, ["alice (you)", "bob"])
     expect_online(bob, ["alice", "bob (you)"])
@@ -135,5 +146,64 @@ def test_two_pages_on_two_replicas_chat_and_survive_a_replica_kill(
     alice.set_viewport_size({"width": 375, "height": 740})
     assert alice.evaluate("document.documentElement.scrollWidth") <= 375
     alice.screenshot(path="artifacts/chat-phone.png", full_page=True)
+    for page in (alice, bob):
+        page.context.close()
+
+
+@pytest.mark.slow
+def test_typing_edit_delete_reactions_and_unread_across_two_replicas(
+    browser: Browser, cluster: LocalCluster
+) -> None:
+    alice = open_chat(browser, cluster.url, "alice", "lobby")
+    bob = open_chat(browser, cluster.url, "bob", "lobby")
+    move_apart(bob, alice)
+
+    # Typing: bob types, alice sees it (and not her own).
+    bob.get_by_role("textbox", name="Message", exact=True).press_sequentially("hi", delay=50)
+    expect(alice.locator("#typing")).to_have_text("bob is typing", timeout=TIMEOUT_MS)
+    expect(bob.locator("#typing")).to_have_text("")
+    bob.get_by_role("textbox", name="Message", exact=True).fill("")
+
+    # Edit by keyboard: Up in an empty box edits your last message.
+    say(alice, "teh typo")
+    expect(bob.locator("#messages li .text").last).to_have_text("teh typo")
+    box = alice.get_by_role("textbox", name="Message", exact=True)
+    box.press("ArrowUp")
+    expect(box).to_have_value("teh typo")
+    box.fill("the typo")
+    box.press("Enter")
+    expect(bob.locator("#messages li .text").last).to_have_text("the typo", timeout=TIMEOUT_MS)
+    expect(bob.locator("#messages li .edited")).to_have_count(1)
+
+    # Reactions: bob reacts, alice sees the count.
+    bob.get_by_role("button", name="React 👍").last.click()
+    expect(alice.locator("#messages li button.reaction").last).to_have_text("👍 1", timeout=TIMEOUT_MS)
+
+    # Delete by keyboard: Tab to the button, Enter twice (ask, then delete).
+    say(alice, "take it back")
+    expect(bob.locator("#messages li .text").last).to_have_text("take it back")
+    delete = alice.get_by_role("button", name="Delete message").last
+    delete.focus()
+    alice.keyboard.press("Enter")
+    alice.get_by_role("button", name="Confirm delete").focus()
+    alice.keyboard.press("Enter")
+    expect(bob.locator("#messages li.deleted .text")).to_have_text(["message deleted"], timeout=TIMEOUT_MS)
+
+    # Unread: bob leaves for another room; alice posts; bob sees a badge, then the divider.
+    bob.goto(cluster.url + "/#elsewhere")
+    expect(bob.locator("#status")).to_have_attribute("data-state", "connected", timeout=TIMEOUT_MS)
+    say(alice, "while you were away")
+    expect(bob.locator("#rooms li", has_text="lobby").locator(".badge")).to_have_text("1", timeout=TIMEOUT_MS)
+    bob.goto(cluster.url + "/#lobby")
+    expect(bob.locator("#status")).to_have_attribute("data-state", "connected", timeout=TIMEOUT_MS)
+    divider = bob.locator("#messages li.divider")
+    expect(divider).to_have_text("new since you left", timeout=TIMEOUT_MS)
+    expect(divider.locator("xpath=following-sibling::li[1]").locator(".text")).to_have_text(
+        "while you were away"
+    )
+    history = bob.locator("#messages li .text").all_inner_texts()
+    assert history[-3:] == ["the typo", "message deleted", "while you were away"], history
+    Path("artifacts").mkdir(exist_ok=True)
+    bob.screenshot(path="artifacts/chat-features.png", full_page=True)
     for page in (alice, bob):
         page.context.close()

@@ -164,6 +164,10 @@ def test_secrets_reach_the_env() -> None:
     url = _env(_container(external))["CHORUS_REDIS_URL"]["valueFrom"]["secretKeyRef"]
     assert url == {"name": "chorus-redis-url", "key": "url"}
     assert not [o for o in external if o["metadata"]["name"].endswith("-redis")]
+    api = render(None, ("apiKeys.existingSecret=backend-keys",))
+    keys = _env(_container(api))["CHORUS_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert keys == {"name": "backend-keys", "key": "api-keys"}
+    assert "CHORUS_API_KEYS" not in _env(_container(render()))
 
 
 def test_ingress_and_httproute_point_at_the_service() -> None:

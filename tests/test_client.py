@@ -23,6 +23,7 @@ from chorus.client import (
     FATAL_CLOSE_CODES,
     Ack,
     Disconnected,
+    Edit,
     Error,
     Event,
     HandshakeRefused,
@@ -35,6 +36,7 @@ from chorus.client import (
     SendRejected,
     SendUnconfirmed,
     Stats,
+    Typing,
     Welcome,
     connect,
     parse_frame,
@@ -345,8 +347,8 @@ async def test_close_codes_reconnecting_can_fix_reconnect_and_resume(code: int) 
         since.append(ws.request.path.partition("since=")[2] or None)
         if n == 0:
             await ws.send(json.dumps(_message("5-0", "first")))
-            await ws.send(json.dumps({"type": "typing", "room": "r", "user": "t"}))
-            await ws.send(json.dumps(EDIT))  # a stream entry of a type this client does not model
+            await ws.send(json.dumps({"type": "sparkle", "room": "r", "user": "t"}))  # unknown: passed on
+            await ws.send(json.dumps(EDIT))  # a stream entry that is not a message
             await asyncio.sleep(0.05)
             if code == 1006:
                 ws.transport.abort()
@@ -363,7 +365,7 @@ async def test_close_codes_reconnecting_can_fix_reconnect_and_resume(code: int) 
             async for event in room:
                 events.append(event)
     kinds = [type(event).__name__ if type(event) is not Event else event.type for event in events]
-    assert kinds == ["Welcome", "Message", "typing", "edit", "Welcome", "Message"], kinds
+    assert kinds == ["Welcome", "Message", "sparkle", "Edit", "Welcome", "Message"], kinds
     assert [e.text for e in events if isinstance(e, Message)] == ["first", "second"]
     assert since == [None, "5-1"] and room.last_id == "6-0", "the edit moved the resume cursor"
     stats = room.stats
@@ -441,9 +443,12 @@ def test_frames_parse_to_typed_events_and_unknown_ones_pass_through() -> None:
     msg = parse_frame(json.dumps(_message("1-2", "hi")))
     assert isinstance(msg, Message) and (msg.id, msg.text, msg.ts) == ("1-2", "hi", 1.5)
     assert parse_frame('{"type":"resync","room":"r"}') == Resync(room="r")
+    assert parse_frame('{"type":"typing","room":"r","user":"u"}') == Typing(room="r", user="u")
+    edit = '{"type":"edit","id":"2-0","target":"1-2","room":"r","user":"u","text":"x","ts":1}'
+    assert parse_frame(edit) == Edit(id="2-0", target="1-2", room="r", user="u", text="x", ts=1.0)
     for raw in (
-        '{"type":"typing","room":"r","user":"u"}',
-        '{"type":"edit","id":"2-0","target":"1-2","room":"r","user":"u","text":"x","ts":1}',
+        '{"type":"sparkle","room":"r","user":"u"}',
+        '{"type":"edit","id":"2-0"}',
         '{"type":"message","id":5}',  # a known type in a shape this client does not know
         '{"type":7}',
         "[1, 2]",
@@ -451,7 +456,7 @@ def test_frames_parse_to_typed_events_and_unknown_ones_pass_through() -> None:
     ):
         event = parse_frame(raw)
         assert type(event) is Event, raw
-    assert parse_frame('{"type":"typing","room":"r","user":"u"}').raw["user"] == "u"
+    assert parse_frame('{"type":"sparkle","room":"r","user":"u"}').raw["user"] == "u"
     gone = parse_frame(json.dumps({**_message("3-0", "x"), "text": None} | {"deleted": True}))
     assert type(gone) is Event, "text null is not a shape this client knows"
     deleted = {k: v for k, v in _message("3-0", "x").items() if k != "text"} | {"deleted": True}

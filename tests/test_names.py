@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from chorus import keys, metrics
-from chorus.protocol import CLIENT_CLOSE_CODES, CLOSE_CODES, ERROR_CODES, REJECTION_REASONS
+from chorus.protocol import CLIENT_CLOSE_CODES, CLIENT_TYPES, CLOSE_CODES, ERROR_CODES, REJECTION_REASONS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -51,7 +51,17 @@ def test_redis_keys_follow_one_rule() -> None:
     room = "lobby"
     built = [keys.channel(room), keys.stream(room), keys.presence_entries(room), keys.online(room)]
     built += [keys.names(room), keys.connections("dave"), keys.heartbeat("ab12"), keys.probe("r:1")]
-    built += [keys.presence_rooms("ab12")]
+    built += [keys.presence_rooms("ab12"), keys.state(room), keys.typing(room), keys.read_markers("dave")]
+    built += [keys.control()]
     for key in built:
         assert re.fullmatch(r"chorus:[a-z-]+:\{[^{}]+\}", key), key
     assert keys.PRESENCE_REPLICAS.startswith(f"{keys.PREFIX}:")
+
+
+def test_readme_client_frame_table_lists_every_client_frame_type() -> None:
+    frames = table_after("Client to server")
+    assert {re.search(r'"type":"([a-z]+)"', frame)[1] for frame in frames} == set(CLIENT_TYPES)  # type: ignore[index]
+
+
+def test_readme_frames_received_row_lists_every_client_frame_type() -> None:
+    assert metric_row("chorus_frames_received_total") == set(CLIENT_TYPES)

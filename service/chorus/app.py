@@ -18,6 +18,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__, metrics
+from .api import create_api_router
 from .broker import BrokerUnavailable, create_broker
 from .config import Settings, load_settings
 from .health import Health
@@ -25,7 +26,7 @@ from .hub import Hub
 from .limits import create_user_limiter
 from .logs import configure_logging
 from .presence import create_presence
-from .protocol import API_HISTORY_DEFAULT, API_HISTORY_MAX, REJECT_BAD_REQUEST, ROOM_RULE, is_room
+from .protocol import API_HISTORY_DEFAULT, API_HISTORY_MAX, REJECT_BAD_REQUEST, ROOM_RULE, is_room, user_key
 from .runtime import Runtime, State, lifespan_state, runtime_of
 from .security import Gatekeeper, Identity, Rejection
 from .session import ChatSockets
@@ -33,6 +34,7 @@ from .session import ChatSockets
 log = logging.getLogger("chorus.app")
 
 STATIC_DIR = Path(__file__).parent / "static"
+MY_ROOMS_MAX = 200  # rooms listed by /api/me/rooms: one bounded XRANGE each
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -75,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await limiter.start()
         probe = asyncio.create_task(health.run(), name="chorus-probe")
         gauges = asyncio.create_task(_sample_gauges(runtime), name="chorus-gauges")
+        control = asyncio.create_task(hub.run_control(), name="chorus-control")
         log.info(
             "chorus %s replica %s serving with broker %s",
             __version__,
@@ -84,10 +87,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield lifespan_state(runtime)
         finally:
-            for task in (probe, gauges):
+            for task in (probe, gauges, control):
                 task.cancel()
             # Each step is bounded: a stuck client library must not turn a clean stop into a kill.
-            await _bounded("probe and gauges", asyncio.gather(probe, gauges, return_exceptions=True))
+            await _bounded("probe and gauges", asyncio.gather(probe, gauges, control, return_exceptions=True))
             await _bounded("presence", presence.stop())
             await _bounded("connection leases", limiter.stop())
             await _bounded("rooms", hub.close())
@@ -130,10 +133,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limit: int = Query(API_HISTORY_DEFAULT, ge=1, le=API_HISTORY_MAX),
     ) -> Response:
         try:
-            entries = await runtime_of(request).broker.recent(room, limit)
+            frames = await runtime_of(request).broker.latest(room, limit)
         except BrokerUnavailable:
             return JSONResponse({"detail": "the broker is unavailable"}, status_code=503)
-        body = b'{"room":%s,"messages":[%s]}' % (orjson.dumps(room), b",".join(e.frame for e in entries))
+        body = b'{"room":%s,"messages":[%s]}' % (orjson.dumps(room), b",".join(frames))
         return Response(body, media_type="application/json")
 
     @app.get("/api/rooms/{room}/presence", dependencies=[Depends(reader)])
@@ -143,6 +146,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except BrokerUnavailable:
             return JSONResponse({"detail": "the broker is unavailable"}, status_code=503)
         return JSONResponse({"room": room, "online": len(users), "users": users})
+
+    @app.get("/api/me/rooms")
+    async def my_rooms(request: Request) -> JSONResponse:
+        """The rooms the caller has joined: read marker and unread count (capped at 1000) each."""
+        runtime = runtime_of(request)
+        try:
+            identity = runtime.gatekeeper.identify_caller(request.headers, request.query_params)
+        except Rejection as rejection:
+            raise RoomReadRefused(rejection) from None
+        try:
+            markers = await runtime.broker.read_markers(user_key(identity.user))
+            rooms = [
+                {"room": room, "last_read": marker, "unread": await runtime.broker.unread(room, marker)}
+                for room, marker in sorted(markers.items())[:MY_ROOMS_MAX]
+                if identity.may_enter(room)
+            ]
+        except BrokerUnavailable:
+            return JSONResponse({"detail": "the broker is unavailable"}, status_code=503)
+        return JSONResponse({"rooms": rooms})
+
+    app.include_router(create_api_router(settings))
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

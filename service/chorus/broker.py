@@ -22,6 +22,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -30,6 +31,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
 from broadcaster import Broadcast
 from broadcaster._base import Subscriber
 from redis.asyncio.sentinel import Sentinel
@@ -39,7 +41,20 @@ from redis.exceptions import RedisError
 from . import keys
 from .backend import RedisPubSubBackend
 from .config import Settings
-from .protocol import ZERO_ID, StreamId, encode_published, message_frame
+from .history import fold
+from .protocol import (
+    ERROR_FORBIDDEN,
+    ERROR_NOT_FOUND,
+    TYPE_DELETE,
+    TYPE_MESSAGE,
+    TYPE_REACTION,
+    UNREAD_CAP,
+    ZERO_ID,
+    StreamId,
+    encode_published,
+    stream_frame,
+)
+from .scripts import APPEND_CHANGE, MARK_READ, REACT, TYPING
 from .shards import ShardedPubSubBackend
 from .topology import SentinelResolver, Topology, command_client, sentinels
 
@@ -52,6 +67,14 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[2]
 redis.call('PUBLISH', KEYS[2], ARGV[3] .. ' {"type":"message","id":"' .. id .. '",' .. string.sub(ARGV[2], 2))
 return id
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What an edit, delete or reaction came to: `ok` with the new entry's id, or why not."""
+
+    outcome: str  # "ok", ERROR_NOT_FOUND, ERROR_FORBIDDEN, "same" (no change), "full" (emoji cap)
+    id: bytes = b""
 
 
 class BrokerUnavailable(Exception):
@@ -114,16 +137,17 @@ class RedisCommands:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One stored message."""
+    """One stream entry: a message, or a change to one (edit, delete, reaction)."""
 
     id: StreamId
     raw_id: bytes
     tail: bytes
     sender: bytes
+    kind: str = TYPE_MESSAGE
 
     @property
     def frame(self) -> bytes:
-        return message_frame(self.raw_id, self.tail)
+        return stream_frame(self.kind, self.raw_id, self.tail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +220,16 @@ class Broker(ABC):
             yield subscription
 
     @asynccontextmanager
+    async def subscribe_control(self) -> AsyncIterator[Subscription]:
+        """Subscribe to the fleet's control channel (see `publish_control`)."""
+        async with self._subscribe(keys.control()) as subscription:
+            yield subscription
+
+    async def publish_control(self, payload: bytes) -> None:
+        """Publish to every process's control subscription (disconnects, read markers)."""
+        await self._publish(keys.control(), payload)
+
+    @asynccontextmanager
     async def _subscribe(self, channel: str) -> AsyncIterator[Subscription]:
         async with self._broadcast.subscribe(channel) as subscriber:
             yield Subscription(self, channel, subscriber)
@@ -231,6 +265,56 @@ class Broker(ABC):
     async def _publish(self, channel: str, payload: bytes) -> None:
         """Publish outside any stream."""
 
+    @abstractmethod
+    async def append_change(
+        self, room: str, kind: str, tail: bytes, sender: bytes, *, target: str, author: str, moderator: bool
+    ) -> Change:
+        """Append an edit or delete of `target` by `author` (anyone's, for a moderator)."""
+
+    @abstractmethod
+    async def react(
+        self,
+        room: str,
+        tail: bytes,
+        sender: bytes,
+        *,
+        target: str,
+        user: str,
+        emoji: str,
+        on: bool,
+        limit: int,
+    ) -> Change:
+        """Append a reaction when it changes something (idempotent per user, emoji and message)."""
+
+    @abstractmethod
+    async def typing(self, room: str, user: str, payload: bytes, *, interval: float) -> bool:
+        """Publish a typing event unless `user` had one in `room` within `interval` seconds."""
+
+    @abstractmethod
+    async def mark_read(self, user: str, room: str, msg_id: str) -> bool:
+        """Move `user`'s read marker in `room` forward to `msg_id`; False when it was not behind."""
+
+    @abstractmethod
+    async def joined(self, user: str, room: str, last_id: StreamId) -> None:
+        """Record that `user` joined `room` (its marker starts at `last_id` the first time)."""
+
+    @abstractmethod
+    async def read_markers(self, user: str) -> dict[str, str]:
+        """The rooms `user` has joined and the marker in each."""
+
+    @abstractmethod
+    async def unread(self, room: str, after: str) -> int:
+        """Messages in `room` after `after`, counted up to UNREAD_CAP (bounded work)."""
+
+    async def latest(self, room: str, count: int) -> list[bytes]:
+        """The newest `count` messages as frames in their latest form (edits, deletes, reactions folded)."""
+        entries = await self.recent_with_changes(room, count)
+        return fold(entries)[-count:] if count > 0 else []
+
+    @abstractmethod
+    async def recent_with_changes(self, room: str, count: int) -> list[Entry]:
+        """Entries back to the `count`-th newest message (or the start), oldest first."""
+
 
 class RedisBroker(Broker):
     """The process's one Redis resource, built from the settings' one parsed Topology: the
@@ -259,6 +343,11 @@ class RedisBroker(Broker):
         )
         self._redis = self._commands.client
         self._append = self._commands.register_script(APPEND_AND_PUBLISH)
+        self._append_change = self._commands.register_script(APPEND_CHANGE)
+        self._react = self._commands.register_script(REACT)
+        self._typing = self._commands.register_script(TYPING)
+        self._mark_read = self._commands.register_script(MARK_READ)
+        self._history_size = settings.history_size
 
     @property
     def commands(self) -> RedisCommands:
@@ -314,12 +403,90 @@ class RedisBroker(Broker):
     async def _publish(self, channel: str, payload: bytes) -> None:
         await self._call(self._redis.execute_command(self._publish_command, channel, payload))
 
+    async def append_change(
+        self, room: str, kind: str, tail: bytes, sender: bytes, *, target: str, author: str, moderator: bool
+    ) -> Change:
+        room_keys = [keys.stream(room), keys.channel(room), keys.state(room)]
+        args: list[bytes | str | int] = [
+            self._maxlen,
+            tail,
+            sender,
+            kind,
+            target,
+            author,
+            "1" if moderator else "0",
+        ]
+        return _change(await self._call(self._append_change(keys=room_keys, args=args)))
+
+    async def react(
+        self,
+        room: str,
+        tail: bytes,
+        sender: bytes,
+        *,
+        target: str,
+        user: str,
+        emoji: str,
+        on: bool,
+        limit: int,
+    ) -> Change:
+        room_keys = [keys.stream(room), keys.channel(room), keys.state(room)]
+        args: list[bytes | str | int] = [self._maxlen, tail, sender, TYPE_REACTION, target, user, emoji]
+        args += ["1" if on else "0", limit]
+        return _change(await self._call(self._react(keys=room_keys, args=args)))
+
+    async def typing(self, room: str, user: str, payload: bytes, *, interval: float) -> bool:
+        room_keys = [keys.typing(room), keys.channel(room)]
+        sent = await self._call(self._typing(keys=room_keys, args=[user, int(interval * 1000), payload]))
+        return bool(sent)
+
+    async def mark_read(self, user: str, room: str, msg_id: str) -> bool:
+        moved = await self._call(self._mark_read(keys=[keys.read_markers(user)], args=[room, msg_id]))
+        return bool(moved)
+
+    async def joined(self, user: str, room: str, last_id: StreamId) -> None:
+        await self._call(self._redis.hsetnx(keys.read_markers(user), room, str(last_id)))
+
+    async def read_markers(self, user: str) -> dict[str, str]:
+        markers: dict[bytes, bytes] = await self._call(self._redis.hgetall(keys.read_markers(user)))
+        return {room.decode(): marker.decode() for room, marker in markers.items()}
+
+    async def unread(self, room: str, after: str) -> int:
+        rows = await self._call(self._redis.xrange(keys.stream(room), f"({after}", "+", count=UNREAD_CAP * 2))
+        return min(UNREAD_CAP, sum(1 for e in _entries(rows) if e.kind == TYPE_MESSAGE))
+
+    async def recent_with_changes(self, room: str, count: int) -> list[Entry]:
+        if count <= 0:
+            return []
+        # Pages newest first until `count` messages are in hand; bounded by the stream's size.
+        key, found, end, page = keys.stream(room), 0, "+", max(count * 2, 64)
+        rows: list[tuple[bytes, dict[bytes, bytes]]] = []
+        while found < count and len(rows) < self._history_size * 2:
+            batch = await self._call(self._redis.xrevrange(key, end, "-", count=page))
+            rows.extend(batch)
+            found += sum(1 for _, fields in batch if b"k" not in fields)
+            if len(batch) < page:
+                break
+            end = "(" + batch[-1][0].decode()
+        return _entries(rows[::-1])
+
 
 def _entries(rows: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:
     return [
-        Entry(StreamId.parse(raw_id), raw_id, fields.get(b"d", b"{}"), fields.get(b"s", b""))
+        Entry(
+            StreamId.parse(raw_id),
+            raw_id,
+            fields.get(b"d", b"{}"),
+            fields.get(b"s", b""),
+            fields[b"k"].decode() if b"k" in fields else TYPE_MESSAGE,
+        )
         for raw_id, fields in rows
     ]
+
+
+def _change(reply: list[bytes]) -> Change:
+    outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+    return Change(outcome, reply[1] if len(reply) > 1 else b"")
 
 
 class MemoryBroker(Broker):
@@ -331,6 +498,10 @@ class MemoryBroker(Broker):
         self._size = settings.history_size
         self._rooms: dict[str, deque[Entry]] = {}
         self._last = ZERO_ID
+        self._deleted: set[tuple[str, str]] = set()
+        self._reactions: dict[tuple[str, str], dict[str, set[str]]] = {}
+        self._typing: dict[tuple[str, str], float] = {}
+        self._markers: dict[str, dict[str, str]] = {}
 
     async def start(self) -> None:
         log.warning(
@@ -346,12 +517,7 @@ class MemoryBroker(Broker):
         return self._last
 
     async def append(self, room: str, tail: bytes, sender: bytes) -> bytes:
-        msg_id = self._next_id()
-        raw = str(msg_id).encode()
-        entry = Entry(msg_id, raw, tail, sender)
-        self._rooms.setdefault(room, deque(maxlen=self._size)).append(entry)
-        await self._broadcast.publish(keys.channel(room), encode_published(sender, entry.frame))
-        return raw
+        return await self._append_entry(room, TYPE_MESSAGE, tail, sender)
 
     async def read_after(self, room: str, since: StreamId, limit: int) -> list[Entry] | None:
         entries = self._rooms.get(room, deque())
@@ -374,6 +540,98 @@ class MemoryBroker(Broker):
 
     async def _publish(self, channel: str, payload: bytes) -> None:
         await self._broadcast.publish(channel, payload)
+
+    def _target(self, room: str, target: str) -> Entry | None:
+        wanted = StreamId.parse(target)
+        for entry in self._rooms.get(room, ()):
+            if entry.id == wanted:
+                deleted = (room, target) in self._deleted
+                return entry if entry.kind == TYPE_MESSAGE and not deleted else None
+        return None
+
+    async def _append_entry(self, room: str, kind: str, tail: bytes, sender: bytes) -> bytes:
+        msg_id = self._next_id()
+        raw = str(msg_id).encode()
+        entry = Entry(msg_id, raw, tail, sender, kind)
+        self._rooms.setdefault(room, deque(maxlen=self._size)).append(entry)
+        await self._broadcast.publish(keys.channel(room), encode_published(sender, entry.frame))
+        return raw
+
+    async def append_change(
+        self, room: str, kind: str, tail: bytes, sender: bytes, *, target: str, author: str, moderator: bool
+    ) -> Change:
+        entry = self._target(room, target)
+        if entry is None:
+            return Change(ERROR_NOT_FOUND)
+        if not moderator and orjson.loads(entry.tail).get("user") != author:
+            return Change(ERROR_FORBIDDEN)
+        if kind == TYPE_DELETE:
+            self._deleted.add((room, target))
+        return Change("ok", await self._append_entry(room, kind, tail, sender))
+
+    async def react(
+        self,
+        room: str,
+        tail: bytes,
+        sender: bytes,
+        *,
+        target: str,
+        user: str,
+        emoji: str,
+        on: bool,
+        limit: int,
+    ) -> Change:
+        if self._target(room, target) is None:
+            return Change(ERROR_NOT_FOUND)
+        emojis = self._reactions.setdefault((room, target), {})
+        users = emojis.get(emoji, set())
+        if (user in users) == on:
+            return Change("same")
+        if on:
+            if emoji not in emojis and len(emojis) >= limit:
+                return Change("full")
+            emojis.setdefault(emoji, set()).add(user)
+        else:
+            users.discard(user)
+            if not users:
+                emojis.pop(emoji, None)
+        return Change("ok", await self._append_entry(room, TYPE_REACTION, tail, sender))
+
+    async def typing(self, room: str, user: str, payload: bytes, *, interval: float) -> bool:
+        now = time.monotonic()
+        if now - self._typing.get((room, user), -math.inf) < interval:
+            return False
+        self._typing[(room, user)] = now
+        await self._broadcast.publish(keys.channel(room), payload)
+        return True
+
+    async def mark_read(self, user: str, room: str, msg_id: str) -> bool:
+        markers = self._markers.setdefault(user, {})
+        current = markers.get(room)
+        if current is not None and StreamId.parse(msg_id) <= StreamId.parse(current):
+            return False
+        markers[room] = msg_id
+        return True
+
+    async def joined(self, user: str, room: str, last_id: StreamId) -> None:
+        self._markers.setdefault(user, {}).setdefault(room, str(last_id))
+
+    async def read_markers(self, user: str) -> dict[str, str]:
+        return dict(self._markers.get(user, {}))
+
+    async def unread(self, room: str, after: str) -> int:
+        floor = StreamId.parse(after)
+        count = sum(1 for e in self._rooms.get(room, ()) if e.id > floor and e.kind == TYPE_MESSAGE)
+        return min(UNREAD_CAP, count)
+
+    async def recent_with_changes(self, room: str, count: int) -> list[Entry]:
+        entries = list(self._rooms.get(room, ()))
+        found = 0
+        for index in range(len(entries) - 1, -1, -1):
+            found += entries[index].kind == TYPE_MESSAGE
+            if found >= count:
+                return entries[index:]
+        return entries
 
 
 def create_broker(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
@@ -19,6 +19,9 @@ REDIS_SCHEMES = ("redis", "rediss")
 # (one label under it, as Ingress and HTTPRoute hosts mean it; the chart copies those), [IPv6].
 _LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
 _HOST_ENTRY = re.compile(rf"(\.|\*\.)?{_LABEL}(\.{_LABEL})*|\[[0-9a-f:.]+\]")
+
+
+API_KEY_MIN_CHARS: Final = 16
 
 
 class SettingsError(ValueError):
@@ -66,6 +69,14 @@ class Settings(BaseSettings):
     # `chat.example.com`, `.example.com` (it and its subdomains), `*.example.com` (one label,
     # as in an Ingress), `*`; port ignored. Empty: any.
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # -- Server API keys (`Authorization: Bearer <key>` on /api/v1/), comma-separated; empty:
+    # the server API answers 401 to everything. Each at least 16 characters.
+    api_keys: SecretStr | None = None
+    # -- A file with server API keys, one a line or comma-separated (a mounted Secret); adds to API_KEYS.
+    api_keys_file: Path | None = None
+    # -- Server API requests per second per key, and the burst above it (token bucket; 429 beyond).
+    api_rate_limit: float = Field(50.0, gt=0, le=100_000)
+    api_rate_burst: int = Field(100, ge=1, le=1_000_000)
     rate_limit: float = Field(10.0, gt=0, le=10_000)
     rate_burst: int = Field(20, ge=1, le=100_000)
     # -- Seconds a client may stay over the rate limit before it is closed with 1008.
@@ -163,6 +174,27 @@ class Settings(BaseSettings):
         if self.auth_jwt_secret is not None and self.auth_jwt_public_key is not None:
             raise ValueError(f"set {ENV_PREFIX}AUTH_JWT_SECRET or {ENV_PREFIX}AUTH_JWT_PUBLIC_KEY, not both")
         return self
+
+    @model_validator(mode="after")
+    def _check_api_keys(self) -> Settings:
+        for key in self.api_key_list:
+            if len(key) < API_KEY_MIN_CHARS:
+                raise ValueError(
+                    f"{ENV_PREFIX}API_KEYS / {ENV_PREFIX}API_KEYS_FILE: every key must be at least "
+                    f"{API_KEY_MIN_CHARS} characters (a short key is guessable)"
+                )
+        return self
+
+    @property
+    def api_key_list(self) -> list[str]:
+        """The server API keys from API_KEYS and API_KEYS_FILE (read at each call: build once)."""
+        raw = self.api_keys.get_secret_value() if self.api_keys is not None else ""
+        if self.api_keys_file is not None:
+            try:
+                raw += "," + self.api_keys_file.read_text()
+            except OSError as exc:
+                raise ValueError(f"{ENV_PREFIX}API_KEYS_FILE cannot be read: {exc.strerror}") from None
+        return [key.strip() for key in raw.replace("\n", ",").split(",") if key.strip()]
 
     @property
     def auth_enabled(self) -> bool:

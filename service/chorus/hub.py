@@ -14,21 +14,29 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
+import orjson
+
 from . import metrics
 from .broker import Broker, BrokerUnavailable, Entry, Gap, Subscription
 from .connection import Coalescer, Connection
+from .history import fold
 from .protocol import (
+    CLOSE_DISCONNECTED,
     CLOSE_INTERNAL_ERROR,
     ZERO_ID,
     StreamId,
     decode_event,
     decode_published,
+    read_frame,
     resync_frame,
+    user_key,
 )
 
 log = logging.getLogger("chorus.hub")
 
 RETRY_SECONDS: Final = 0.5
+CONTROL_DISCONNECT: Final = "disconnect"
+CONTROL_READ: Final = "read"
 T = TypeVar("T")
 
 
@@ -58,6 +66,7 @@ class Hub:
         self.rooms: dict[str, Room] = {}
         self.connections: set[Connection] = set()
         self._by_tag: dict[bytes, Connection] = {}
+        self._by_user: dict[str, set[Connection]] = {}
 
     async def join(self, conn: Connection) -> None:
         """Register `conn` and wait until its room's subscription is live.
@@ -73,6 +82,7 @@ class Hub:
         room.members.add(conn)
         self.connections.add(conn)
         self._by_tag[conn.tag] = conn
+        self._by_user.setdefault(user_key(conn.user), set()).add(conn)
         try:
             async with asyncio.timeout(self.join_timeout):
                 await room.ready.wait()
@@ -93,19 +103,27 @@ class Hub:
             conn.offer(resync_frame(conn.room), force=True)
             metrics.RESYNCS.inc()
         if entries is None:
-            entries = await self.broker.recent(conn.room, history)
-            floor = entries[-1].id if entries else None
+            # A join shows messages as they stand now; a resume replays the changes themselves.
+            recent = await self.broker.recent_with_changes(conn.room, history)
+            frames = fold(recent)[-history:] if history > 0 else []
+            floor = recent[-1].id if recent else None
         else:
+            frames = [entry.frame for entry in entries]
             floor = entries[-1].id if entries else since
-        for entry in entries:
-            conn.offer(entry.frame.decode(), force=True)
-        metrics.MESSAGES_DELIVERED.inc(len(entries))
+        for frame in frames:
+            conn.offer(frame.decode(), force=True)
+        metrics.MESSAGES_DELIVERED.inc(len(frames))
         conn.go_live(floor)
 
     def leave(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if self._by_tag.get(conn.tag) is conn:
             del self._by_tag[conn.tag]
+        mine = self._by_user.get(user_key(conn.user))
+        if mine is not None:
+            mine.discard(conn)
+            if not mine:
+                del self._by_user[user_key(conn.user)]
         room = self.rooms.get(conn.room)
         if room is None:
             return
@@ -123,8 +141,58 @@ class Hub:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.rooms.clear()
 
+    def last_id(self, room: str) -> StreamId:
+        """The newest id this replica has seen in `room` (ZERO_ID when it has no such room)."""
+        found = self.rooms.get(room)
+        return found.last_id if found is not None else ZERO_ID
+
     def max_queue_depth(self) -> int:
         return max((conn.depth for conn in self.connections), default=0)
+
+    # -- the fleet's control channel: a user's sockets on every replica ----------------------
+
+    async def disconnect_user(self, user: str) -> None:
+        """Close every socket of `user` on every replica with 4001 (through the broker)."""
+        await self.broker.publish_control(orjson.dumps({"op": CONTROL_DISCONNECT, "user": user_key(user)}))
+
+    async def announce_read(self, conn: Connection, msg_id: str) -> None:
+        """Tell the user's other sockets, on every replica, that their read marker moved."""
+        body = {"op": CONTROL_READ, "user": user_key(conn.user), "room": conn.room, "id": msg_id}
+        await self.broker.publish_control(orjson.dumps({**body, "sender": conn.tag.decode()}))
+
+    async def run_control(self) -> None:
+        """Act on control events for this replica's sockets, for as long as the process serves.
+
+        A control event published while the subscription is being made again is lost (pub/sub
+        has no back-fill for it): a disconnect should be repeated by the caller if it matters.
+        """
+        while True:
+            try:
+                async with self.broker.subscribe_control() as subscription:
+                    while True:
+                        event = await subscription.get()
+                        if not isinstance(event, Gap):
+                            self._control(event.payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("control subscription failed; making it again")
+                await asyncio.sleep(RETRY_SECONDS)
+
+    def _control(self, payload: bytes) -> None:
+        try:
+            event = orjson.loads(payload)
+            conns = list(self._by_user.get(str(event["user"]), ()))
+            if event["op"] == CONTROL_DISCONNECT:
+                for conn in conns:
+                    conn.close(CLOSE_DISCONNECTED, "disconnected by the server")
+            elif event["op"] == CONTROL_READ:
+                frame = read_frame(str(event["room"]), str(event["id"]))
+                for conn in conns:
+                    if conn.tag.decode() != event.get("sender"):
+                        conn.deliver_event(frame)
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("ignored an undecodable control event (%d bytes)", len(payload))
 
     # -- per-room subscription --------------------------------------------------------------
 

@@ -30,6 +30,26 @@ def stream(room: str) -> str:
     return _key("stream", room)
 
 
+def state(room: str) -> str:
+    """Hash: what the stream's changes imply for checks (deletions, reactions by user and emoji)."""
+    return _key("state", room)
+
+
+def typing(room: str) -> str:
+    """Sorted set: user key -> when (ms) the user's last typing event went out in the room."""
+    return _key("typing", room)
+
+
+def read_markers(user: str) -> str:
+    """Hash: room -> the id of the newest message the user has read there (rooms joined)."""
+    return _key("read", user)
+
+
+def control() -> str:
+    """The fleet's control channel: disconnects and read markers for a user's sockets anywhere."""
+    return _key("control", "fleet")
+
+
 def probe(name: str) -> str:
     """A readiness self-probe channel that one process publishes to and subscribes to."""
     return _key("probe", name)

@@ -28,6 +28,9 @@ CONNECTIONS_OPENED = Counter("chorus_connections_opened", "WebSockets accepted."
 CONNECTIONS_CLOSED = Counter("chorus_connections_closed", "WebSockets closed, by close code.", ["code"])
 ROOMS = Gauge("chorus_rooms", "Rooms with members on this replica.", multiprocess_mode="livesum")
 MESSAGES_RECEIVED = Counter("chorus_messages_received", "Chat messages received from clients.")
+FRAMES_RECEIVED = Counter(
+    "chorus_frames_received", "Client frames received, by type (message, typing, edit, ...).", ["type"]
+)
 MESSAGES_PUBLISHED = Counter("chorus_messages_published", "Chat messages stored and published to the broker.")
 MESSAGES_DELIVERED = Counter(
     "chorus_messages_delivered", "Message frames queued to clients (live and replay)."

@@ -125,6 +125,10 @@ class Presence(ABC):
     async def users(self, room: str) -> list[str]:
         """The users online in `room`, sorted. Raises BrokerUnavailable."""
 
+    @abstractmethod
+    async def occupancy(self) -> dict[str, int]:
+        """Rooms with members now on any replica, and how many users each. Raises BrokerUnavailable."""
+
 
 class MemoryPresence(Presence):
     """One process: the same counting and announcements, kept in dicts."""
@@ -169,6 +173,9 @@ class MemoryPresence(Presence):
 
     async def users(self, room: str) -> list[str]:
         return sorted(self._names.get(room, {}).values())
+
+    async def occupancy(self) -> dict[str, int]:
+        return {room: len(users) for room, users in self._users.items() if users}
 
     async def _announce(self, room: str, event: str, name: str, online: int, sender: str) -> None:
         frame = presence_frame(room, event, name, online).encode()
@@ -237,6 +244,18 @@ class RedisPresence(Presence):
             return []
         names: list[bytes | None] = await self._call(self._redis.hmget(keys.names(room), users))
         return sorted((name or key).decode() for key, name in zip(users, names, strict=True))
+
+    async def occupancy(self) -> dict[str, int]:
+        # Every process's room set (the replicas that hold entries), then each room's count.
+        owners = await self._call(self._redis.smembers(keys.PRESENCE_REPLICAS))
+        rooms: set[str] = set()
+        for owner in owners:
+            rooms |= {
+                r.decode()
+                for r in await self._call(self._redis.smembers(keys.presence_rooms(owner.decode())))
+            }
+        counts = {room: await self._call(self._redis.hlen(keys.online(room))) for room in sorted(rooms)}
+        return {room: int(count) for room, count in counts.items() if count}
 
     async def _run(self) -> None:
         while True:

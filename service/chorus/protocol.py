@@ -35,6 +35,9 @@ CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL_ERROR: Final = 1011  # the broker could not be reached for this room
 CLOSE_SERVICE_RESTART: Final = 1012  # the replica drains; reconnect (with since=) elsewhere
 CLOSE_TRY_AGAIN_LATER: Final = 1013  # slow consumer: the send queue overflowed
+CLOSE_DISCONNECTED: Final = (
+    4001  # a backend closed this user's sockets (POST /api/v1/users/{user}/disconnect)
+)
 # What clients send: a page going away (1001), a close frame without a code (1005).
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_NO_STATUS: Final = 1005
@@ -58,6 +61,7 @@ CLOSE_CODES: Final = frozenset(
         CLOSE_INTERNAL_ERROR,
         CLOSE_SERVICE_RESTART,
         CLOSE_TRY_AGAIN_LATER,
+        CLOSE_DISCONNECTED,
     }
 )
 CLOSE_LABEL_CLIENT_OTHER: Final = "client_other"  # any other code a client chose
@@ -81,7 +85,29 @@ ERROR_INVALID: Final = "invalid"
 ERROR_TOO_LARGE: Final = "too_large"
 ERROR_UNAVAILABLE: Final = "unavailable"
 ERROR_RATE_LIMITED: Final = "rate_limited"
-ERROR_CODES: Final = frozenset({ERROR_INVALID, ERROR_TOO_LARGE, ERROR_UNAVAILABLE, ERROR_RATE_LIMITED})
+ERROR_NOT_FOUND: Final = "not_found"  # an edit, delete or reaction names no message the room holds
+ERROR_FORBIDDEN: Final = "forbidden"  # an edit or delete of someone else's message
+ERROR_CODES: Final = frozenset(
+    {ERROR_INVALID, ERROR_TOO_LARGE, ERROR_UNAVAILABLE, ERROR_RATE_LIMITED, ERROR_NOT_FOUND, ERROR_FORBIDDEN}
+)
+
+# Frame types. Those stored in a room's stream (each with its own id, in one order everywhere)
+# and the client frames a socket may send.
+TYPE_MESSAGE: Final = "message"
+TYPE_EDIT: Final = "edit"
+TYPE_DELETE: Final = "delete"
+TYPE_REACTION: Final = "reaction"
+TYPE_TYPING: Final = "typing"
+TYPE_READ: Final = "read"
+TYPE_REACT: Final = "react"  # the client's request; members get a `reaction`
+STREAM_TYPES: Final = frozenset({TYPE_MESSAGE, TYPE_EDIT, TYPE_DELETE, TYPE_REACTION})
+CLIENT_TYPES: Final = (TYPE_MESSAGE, TYPE_TYPING, TYPE_EDIT, TYPE_DELETE, TYPE_REACT, TYPE_READ)
+TYPING_INTERVAL_SECONDS: Final = 2.0  # at most one typing frame per user per room per interval
+MAX_REACTIONS_PER_MESSAGE: Final = 20  # distinct emoji
+UNREAD_CAP: Final = 1000
+MODERATOR_ROLE: Final = "moderator"
+DM_PREFIX: Final = "dm."
+API_USER: Final = "api"  # the `user` of a delete made through the server API
 
 # Rejection reasons (chorus_rejections_total{reason}): why a handshake or a room read was
 # refused, or a socket closed for breaking a rule. A closed set, used by reference; listed in
@@ -110,6 +136,9 @@ REJECTION_REASONS: Final = frozenset(
 
 _MESSAGE_PREFIX: Final = b'{"type":"message","id":"'
 _PRESENCE_PREFIX: Final = b'{"type":"presence",'
+# Events published outside the stream (never stored, never replayed): `<sender> <frame>`.
+_EVENT_PREFIXES: Final = (_PRESENCE_PREFIX, b'{"type":"typing",')
+_STREAM_PREFIXES: Final = tuple(b'{"type":"%s","id":"' % kind.encode() for kind in sorted(STREAM_TYPES))
 
 
 def is_room(name: str) -> bool:
@@ -180,9 +209,21 @@ def message_frame(msg_id: bytes, tail: bytes) -> bytes:
     return _MESSAGE_PREFIX + msg_id + b'",' + tail[1:]
 
 
+def stream_frame(kind: str, msg_id: bytes, tail: bytes) -> bytes:
+    """A frame of any stream type (message, edit, delete, reaction), spliced as the Lua does."""
+    if kind == TYPE_MESSAGE:
+        return message_frame(msg_id, tail)
+    return b'{"type":"%s","id":"%s",%s' % (kind.encode(), msg_id, tail[1:])
+
+
+def change_tail(*, ts: float, target: str, room: str, user: str, **fields: object) -> bytes:
+    """The part of an edit, delete or reaction frame known before Redis assigns its id."""
+    return orjson.dumps({"ts": ts, "target": target, "room": room, "user": user, **fields})
+
+
 @dataclass(frozen=True, slots=True)
 class Published:
-    """A message as it arrives from the broker: who sent it, its id, its timestamp, the frame."""
+    """A stream entry as it arrives from the broker: who sent it, its id, its timestamp, the frame."""
 
     sender: bytes
     id: StreamId
@@ -195,11 +236,18 @@ def encode_published(sender: bytes, frame: bytes) -> bytes:
 
 
 def decode_published(payload: bytes) -> Published:
-    """Split a pub/sub payload `<sender> <frame>`; ValueError when it is not one of ours."""
+    """Split a pub/sub payload `<sender> <frame>`; ValueError when it is not a stream entry."""
     space = payload.find(b" ")
-    if space < 0 or not payload.startswith(_MESSAGE_PREFIX, space + 1):
-        raise ValueError("payload is not a Chorus message")
-    id_start = space + 1 + len(_MESSAGE_PREFIX)
+    if space < 0:
+        raise ValueError("payload is not a Chorus stream entry")
+    if payload.startswith(_MESSAGE_PREFIX, space + 1):
+        prefix = _MESSAGE_PREFIX
+    else:
+        found = next((p for p in _STREAM_PREFIXES if payload.startswith(p, space + 1)), None)
+        if found is None:
+            raise ValueError("payload is not a Chorus stream entry")
+        prefix = found
+    id_start = space + 1 + len(prefix)
     id_end = payload.index(b'"', id_start)
     if not payload.startswith(b',"ts":', id_end + 1):
         raise ValueError("payload has no timestamp")
@@ -226,9 +274,9 @@ def presence_frame(room: str, event: str, user: str, online: int) -> str:
 
 
 def decode_event(payload: bytes) -> tuple[bytes, str] | None:
-    """Split a pub/sub payload `<sender> <presence frame>`; None when it is not one."""
+    """Split a pub/sub payload `<sender> <presence or typing frame>`; None when it is not one."""
     space = payload.find(b" ")
-    if space < 0 or not payload.startswith(_PRESENCE_PREFIX, space + 1):
+    if space < 0 or not any(payload.startswith(p, space + 1) for p in _EVENT_PREFIXES):
         return None
     return payload[:space], payload[space + 1 :].decode()
 
@@ -251,10 +299,53 @@ def error_frame(code: str, detail: str, client_id: str | None = None) -> str:
     return orjson.dumps(body).decode()
 
 
+def typing_frame(room: str, user: str) -> bytes:
+    return orjson.dumps({"type": TYPE_TYPING, "room": room, "user": user})
+
+
+def read_frame(room: str, msg_id: str) -> str:
+    return orjson.dumps({"type": TYPE_READ, "room": room, "id": msg_id}).decode()
+
+
 @dataclass(frozen=True, slots=True)
 class ClientMessage:
     text: str
     client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTyping:
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientEdit:
+    target: str
+    text: str
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientDelete:
+    target: str
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientReact:
+    target: str
+    emoji: str
+    on: bool
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRead:
+    id: str
+    client_id: str | None = None
+
+
+ClientFrame = ClientMessage | ClientTyping | ClientEdit | ClientDelete | ClientReact | ClientRead
 
 
 class ProtocolError(Exception):
@@ -267,8 +358,8 @@ class ProtocolError(Exception):
         self.client_id = client_id
 
 
-def parse_client_frame(raw: str, *, max_message_bytes: int) -> ClientMessage:
-    """Turn a client's text frame into a message, or raise ProtocolError.
+def parse_client_frame(raw: str, *, max_message_bytes: int) -> ClientFrame:
+    """Turn a client's text frame into one of the client frames, or raise ProtocolError.
 
     A frame that is not a JSON object is taken, as it is, as the text of a message.
     """
@@ -285,13 +376,93 @@ def parse_client_frame(raw: str, *, max_message_bytes: int) -> ClientMessage:
     if client_id is not None and (not isinstance(client_id, str) or len(client_id) > CLIENT_ID_MAX):
         raise ProtocolError(ERROR_INVALID, f"client_id must be a string of at most {CLIENT_ID_MAX} chars")
     kind = body.get("type")
-    if kind != "message":
-        detail = "missing field 'type'" if kind is None else f"unknown type {str(kind)[:32]!r}"
-        raise ProtocolError(ERROR_INVALID, detail, client_id)
-    text = body.get("text")
-    if not isinstance(text, str):
-        raise ProtocolError(ERROR_INVALID, "field 'text' must be a string", client_id)
-    return ClientMessage(check_text(text, max_message_bytes, client_id), client_id)
+    if kind == TYPE_MESSAGE:
+        text = body.get("text")
+        if not isinstance(text, str):
+            raise ProtocolError(ERROR_INVALID, "field 'text' must be a string", client_id)
+        return ClientMessage(check_text(text, max_message_bytes, client_id), client_id)
+    if kind == TYPE_TYPING:
+        return ClientTyping(client_id)
+    if kind == TYPE_EDIT:
+        target = _target(body, "id", client_id)
+        text = body.get("text")
+        if not isinstance(text, str):
+            raise ProtocolError(ERROR_INVALID, "field 'text' must be a string", client_id)
+        return ClientEdit(target, check_text(text, max_message_bytes, client_id), client_id)
+    if kind == TYPE_DELETE:
+        return ClientDelete(_target(body, "id", client_id), client_id)
+    if kind == TYPE_REACT:
+        target = _target(body, "target", client_id)
+        on = body.get("on", True)
+        if not isinstance(on, bool):
+            raise ProtocolError(ERROR_INVALID, "field 'on' must be true or false", client_id)
+        return ClientReact(target, check_emoji(body.get("emoji"), client_id), on, client_id)
+    if kind == TYPE_READ:
+        return ClientRead(_target(body, "id", client_id), client_id)
+    detail = "missing field 'type'" if kind is None else f"unknown type {str(kind)[:32]!r}"
+    raise ProtocolError(ERROR_INVALID, detail, client_id)
+
+
+def _target(body: dict[str, Any], field: str, client_id: str | None) -> str:
+    """A message id a client names, normalised to `ms-seq`."""
+    value = body.get(field)
+    if not isinstance(value, str):
+        raise ProtocolError(ERROR_INVALID, f"field {field!r} must be a message id", client_id)
+    try:
+        return str(StreamId.parse(value))
+    except ValueError:
+        raise ProtocolError(ERROR_INVALID, f"field {field!r} is not a message id", client_id) from None
+
+
+# One emoji grapheme: a pictographic base (or a keycap, or a pair of regional indicators),
+# then modifiers, variation selectors and ZWJ-joined pictographs. Python's `re` has no \X,
+# so the rule is spelled out; it errs on the side of refusing.
+_PICTO: Final = (
+    "\u00a9\u00ae\u203c\u2049\u2122\u2139\u2194-\u2199\u21a9\u21aa\u231a\u231b\u2328\u23cf"
+    "\u23e9-\u23f3\u23f8-\u23fa\u24c2\u25aa\u25ab\u25b6\u25c0\u25fb-\u25fe\u2600-\u27bf"
+    "\u2934\u2935\u2b05-\u2b07\u2b1b\u2b1c\u2b50\u2b55\u3030\u303d\u3297\u3299"
+    "\U0001f000-\U0001faff"
+)
+_EMOJI_RE: Final = re.compile(
+    "(?:[\U0001f1e6-\U0001f1ff]{2}"  # a flag
+    "|[0-9#*]\ufe0f?\u20e3"  # a keycap
+    f"|[{_PICTO}][\ufe0f\U0001f3fb-\U0001f3ff]*"
+    f"(?:\u200d[{_PICTO}][\ufe0f\U0001f3fb-\U0001f3ff]*)*"
+    "[\U000e0020-\U000e007f]*)\\Z"  # tag sequences (subdivision flags)
+)
+EMOJI_MAX_CHARS: Final = 16
+
+
+def is_emoji(value: object) -> bool:
+    """One emoji grapheme (a flag, a keycap, a ZWJ sequence with its modifiers)."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= EMOJI_MAX_CHARS
+        and value[0] not in "\U0001f3fb\U0001f3fc\U0001f3fd\U0001f3fe\U0001f3ff"
+        and _EMOJI_RE.match(value) is not None
+    )
+
+
+def check_emoji(value: object, client_id: str | None = None) -> str:
+    if not is_emoji(value):
+        raise ProtocolError(ERROR_INVALID, "field 'emoji' must be one emoji", client_id)
+    assert isinstance(value, str)
+    return value
+
+
+def dm_members(room: str) -> tuple[str, str] | None:
+    """The two users a private room `dm.<a>.<b>` names (sorted, distinct), or None when malformed."""
+    parts = room[len(DM_PREFIX) :].split(".")
+    if len(parts) != 2 or not all(is_username(p) for p in parts):
+        return None
+    a, b = parts
+    if not user_key(a) < user_key(b):
+        return None
+    return a, b
+
+
+def is_private(room: str) -> bool:
+    return room.startswith(DM_PREFIX)
 
 
 # Text policy (docs/security.md): refused, never altered, so nothing is lost silently.

@@ -18,13 +18,17 @@ from starlette.datastructures import Headers
 
 from .config import Settings
 from .protocol import (
+    MODERATOR_ROLE,
     REJECT_BAD_REQUEST,
     REJECT_FORBIDDEN_ROOM,
     REJECT_HOST,
     REJECT_ORIGIN,
     REJECT_UNAUTHORIZED,
     USERNAME_RULE,
+    dm_members,
+    is_private,
     is_username,
+    user_key,
 )
 
 SUBPROTOCOL: Final = "chorus.v1"
@@ -62,8 +66,17 @@ class Identity:
     user: str
     rooms: tuple[str, ...] | None = None  # None: every room
     expires_at: float | None = None
+    roles: tuple[str, ...] = ()
+
+    @property
+    def is_moderator(self) -> bool:
+        return MODERATOR_ROLE in self.roles
 
     def may_enter(self, room: str) -> bool:
+        if is_private(room):
+            # A private room opens to the two users it names, whatever the rooms claim says.
+            members = dm_members(room)
+            return members is not None and user_key(self.user) in {user_key(m) for m in members}
         if self.rooms is None:
             return True
         return any(
@@ -156,18 +169,27 @@ class Gatekeeper:
                 400, REJECT_BAD_REQUEST, f"a bearer.<token> subprotocol needs {SUBPROTOCOL} offered too"
             )
         if self._key is None:
+            _refuse_private_without_auth(room)
             return Identity(params.get("username") or ""), subprotocol
         return self.authorize(bearer or params.get("token"), room), subprotocol
 
     def identify_reader(self, headers: Headers, params: Mapping[str, str], room: str) -> Identity:
         """The reader behind an HTTP read of a room: `Authorization: Bearer <jwt>` or `?token=`."""
         if self._key is None:
+            _refuse_private_without_auth(room)
             return Identity("")
-        scheme, _, credentials = headers.get("authorization", "").partition(" ")
-        bearer = credentials.strip() if scheme.lower() == "bearer" else None
-        return self.authorize(bearer or params.get("token"), room)
+        return self.authorize(_bearer(headers) or params.get("token"), room)
 
-    def authorize(self, token: str | None, room: str) -> Identity:
+    def identify_caller(self, headers: Headers, params: Mapping[str, str]) -> Identity:
+        """Who calls a per-user read (`/api/me/...`): a token, or `username` when auth is off."""
+        if self._key is None:
+            user = params.get("username") or ""
+            if not is_username(user):
+                raise Rejection(400, REJECT_BAD_REQUEST, USERNAME_RULE)
+            return Identity(user)
+        return self.authorize(_bearer(headers) or params.get("token"), None)
+
+    def authorize(self, token: str | None, room: str | None) -> Identity:
         """The identity a token proves, if it opens `room`: 401 no valid token, 403 not this room."""
         if not token:
             detail = "a token is required (Authorization: Bearer, ?token= or a bearer.<jwt> subprotocol)"
@@ -178,9 +200,21 @@ class Gatekeeper:
         except jwt.InvalidTokenError as exc:
             raise Rejection(401, REJECT_UNAUTHORIZED, f"the token is not valid: {exc}") from None
         identity = _identity(claims)
-        if not identity.may_enter(room):
+        if room is not None and not identity.may_enter(room):
             raise Rejection(403, REJECT_FORBIDDEN_ROOM, f"the token does not open room {room!r}")
         return identity
+
+
+def _bearer(headers: Headers) -> str | None:
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" else None
+
+
+def _refuse_private_without_auth(room: str) -> None:
+    if is_private(room):
+        raise Rejection(
+            403, REJECT_FORBIDDEN_ROOM, "private dm. rooms need authentication, which is off here"
+        )
 
 
 def _numeric_date(claims: Mapping[str, object], name: str) -> float | None:
@@ -202,6 +236,9 @@ def _identity(claims: Mapping[str, object]) -> Identity:
     rooms = claims.get("rooms")
     if rooms is not None and (not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms)):
         raise Rejection(403, REJECT_UNAUTHORIZED, "the token's rooms claim must be a list of strings")
+    roles = claims.get("roles", [])
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise Rejection(403, REJECT_UNAUTHORIZED, "the token's roles claim must be a list of strings")
     exp = _numeric_date(claims, "exp")
     if exp is None:
         raise Rejection(403, REJECT_UNAUTHORIZED, "the token must carry exp")
@@ -211,7 +248,7 @@ def _identity(claims: Mapping[str, object]) -> Identity:
         raise Rejection(401, REJECT_UNAUTHORIZED, "the token has expired")
     if max(nbf or 0.0, iat or 0.0) > now + CLOCK_LEEWAY_SECONDS:
         raise Rejection(401, REJECT_UNAUTHORIZED, "the token is not valid yet")
-    return Identity(sub, tuple(rooms) if rooms is not None else None, exp)
+    return Identity(sub, tuple(rooms) if rooms is not None else None, exp, tuple(roles))
 
 
 class TokenBucket:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from typing import Final
@@ -14,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketState
 
 from . import metrics
-from .broker import BrokerUnavailable
+from .broker import BrokerUnavailable, Change
 from .connection import Connection
 from .presence import Member
 from .protocol import (
@@ -26,9 +27,13 @@ from .protocol import (
     CLOSE_TOO_BIG,
     CLOSE_UNSUPPORTED_DATA,
     DEFAULT_HISTORY,
+    ERROR_FORBIDDEN,
+    ERROR_INVALID,
+    ERROR_NOT_FOUND,
     ERROR_RATE_LIMITED,
     ERROR_UNAVAILABLE,
     MAX_HISTORY,
+    MAX_REACTIONS_PER_MESSAGE,
     REJECT_BAD_REQUEST,
     REJECT_BINARY,
     REJECT_DRAINING,
@@ -38,16 +43,33 @@ from .protocol import (
     REJECT_MAX_CONNECTIONS,
     REJECT_MAX_CONNECTIONS_PER_USER,
     ROOM_RULE,
+    TYPE_DELETE,
+    TYPE_EDIT,
+    TYPE_MESSAGE,
+    TYPE_REACT,
+    TYPE_READ,
+    TYPE_TYPING,
+    TYPING_INTERVAL_SECONDS,
     USERNAME_RULE,
+    ClientDelete,
+    ClientEdit,
+    ClientFrame,
+    ClientMessage,
+    ClientReact,
+    ClientRead,
+    ClientTyping,
     ProtocolError,
     ack_frame,
+    change_tail,
     close_label,
+    encode_published,
     error_frame,
     is_room,
     is_username,
     message_tail,
     parse_client_frame,
     parse_since,
+    typing_frame,
     user_key,
     welcome_frame,
 )
@@ -169,12 +191,14 @@ async def _session(
     hub = runtime.hub
     member = Member(room, user, tag.decode())
     bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
+    state = _SocketState(identity)
     try:
         try:
             await hub.join(conn)
             online = await runtime.presence.join(member)
             conn.offer(welcome_frame(room, user, settings.replica_name, online), force=True)
             await hub.replay(conn, since=since, resume=resume, history=history)
+            await _record_join(runtime, user, room)
         except BrokerUnavailable as exc:
             log.warning("cannot join %s: %s", room, exc)
             conn.close(CLOSE_INTERNAL_ERROR, "broker unavailable")
@@ -192,7 +216,7 @@ async def _session(
             if not bucket.take():
                 _rate_limited(conn, bucket, settings.rate_flood_seconds, text)
                 continue
-            await _handle_text(runtime, conn, text)
+            await _handle_text(runtime, conn, text, state)
     finally:
         if expiry is not None:
             expiry.cancel()
@@ -216,6 +240,14 @@ async def _session(
                 await websocket.close()
             except Exception:  # the peer is gone; nothing to tell it
                 pass
+
+
+async def _record_join(runtime: Runtime, user: str, room: str) -> None:
+    """Add the room to the user's rooms (GET /api/me/rooms); the chat works without it."""
+    try:
+        await runtime.broker.joined(user_key(user), room, runtime.hub.last_id(room))
+    except BrokerUnavailable as exc:
+        log.warning("could not record that %s joined %s: %s", user, room, exc)
 
 
 def _peer_close_code(message: Message) -> int | None:
@@ -268,24 +300,130 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
         await websocket.close(code, reason)
 
 
-async def _handle_text(runtime: Runtime, conn: Connection, text: str) -> None:
+async def _handle_text(runtime: Runtime, conn: Connection, text: str, state: _SocketState) -> None:
     settings = runtime.settings
     try:
-        message = parse_client_frame(text, max_message_bytes=settings.max_message_bytes)
+        frame = parse_client_frame(text, max_message_bytes=settings.max_message_bytes)
     except ProtocolError as exc:
         metrics.MESSAGES_DROPPED.labels(exc.code).inc()
         conn.offer(error_frame(exc.code, exc.detail, exc.client_id))
         return
-    tail = message_tail(
-        room=conn.room, user=conn.user, text=message.text, ts=time.time(), replica=settings.replica_name
-    )
+    metrics.FRAMES_RECEIVED.labels(_frame_type(frame)).inc()
     try:
-        msg_id = await runtime.broker.append(conn.room, tail, conn.tag)
+        if isinstance(frame, ClientMessage):
+            await _post(runtime, conn, frame)
+        elif isinstance(frame, ClientTyping):
+            await _typing(runtime, conn, state)
+        elif isinstance(frame, ClientEdit | ClientDelete):
+            await _change(runtime, conn, frame, state)
+        elif isinstance(frame, ClientReact):
+            await _react(runtime, conn, frame)
+        else:
+            await _read(runtime, conn, frame)
     except BrokerUnavailable as exc:
         metrics.MESSAGES_DROPPED.labels(metrics.DROP_BROKER_UNAVAILABLE).inc()
-        log.warning("message from %s in %s not sent: %s", conn.user, conn.room, exc)
-        detail = "the message was not sent: the broker is unavailable"
-        conn.offer(error_frame(ERROR_UNAVAILABLE, detail, message.client_id))
-        return
+        log.warning("%s from %s in %s not done: %s", _frame_type(frame), conn.user, conn.room, exc)
+        detail = "not done: the broker is unavailable"
+        conn.offer(error_frame(ERROR_UNAVAILABLE, detail, frame.client_id))
+
+
+class _SocketState:
+    """What one socket's receive loop remembers between frames."""
+
+    __slots__ = ("last_typing", "moderator")
+
+    def __init__(self, identity: Identity) -> None:
+        self.last_typing = -math.inf
+        self.moderator = identity.is_moderator
+
+
+def _frame_type(frame: ClientFrame) -> str:
+    return _FRAME_TYPES[type(frame)]
+
+
+_FRAME_TYPES: Final[dict[type, str]] = {
+    ClientMessage: TYPE_MESSAGE,
+    ClientTyping: TYPE_TYPING,
+    ClientEdit: TYPE_EDIT,
+    ClientDelete: TYPE_DELETE,
+    ClientReact: TYPE_REACT,
+    ClientRead: TYPE_READ,
+}
+
+
+async def _post(runtime: Runtime, conn: Connection, message: ClientMessage) -> None:
+    tail = message_tail(
+        room=conn.room,
+        user=conn.user,
+        text=message.text,
+        ts=time.time(),
+        replica=runtime.settings.replica_name,
+    )
+    msg_id = await runtime.broker.append(conn.room, tail, conn.tag)
     metrics.MESSAGES_PUBLISHED.inc()
     conn.offer(ack_frame(msg_id.decode(), message.client_id))
+
+
+async def _typing(runtime: Runtime, conn: Connection, state: _SocketState) -> None:
+    # Dropped silently when too soon: here first (no Redis work), then per user across replicas.
+    now = time.monotonic()
+    if now - state.last_typing < TYPING_INTERVAL_SECONDS:
+        return
+    state.last_typing = now
+    payload = encode_published(conn.tag, typing_frame(conn.room, conn.user))
+    await runtime.broker.typing(conn.room, user_key(conn.user), payload, interval=TYPING_INTERVAL_SECONDS)
+
+
+async def _change(
+    runtime: Runtime, conn: Connection, frame: ClientEdit | ClientDelete, state: _SocketState
+) -> None:
+    ts = time.time()
+    if isinstance(frame, ClientEdit):
+        kind = TYPE_EDIT
+        tail = change_tail(ts=ts, target=frame.target, room=conn.room, user=conn.user, text=frame.text)
+    else:
+        kind = TYPE_DELETE
+        tail = change_tail(ts=ts, target=frame.target, room=conn.room, user=conn.user)
+    change = await runtime.broker.append_change(
+        conn.room, kind, tail, conn.tag, target=frame.target, author=conn.user, moderator=state.moderator
+    )
+    _answer(conn, change, frame.client_id)
+
+
+async def _react(runtime: Runtime, conn: Connection, frame: ClientReact) -> None:
+    tail = change_tail(
+        ts=time.time(), target=frame.target, room=conn.room, user=conn.user, emoji=frame.emoji, on=frame.on
+    )
+    change = await runtime.broker.react(
+        conn.room,
+        tail,
+        conn.tag,
+        target=frame.target,
+        user=user_key(conn.user),
+        emoji=frame.emoji,
+        on=frame.on,
+        limit=MAX_REACTIONS_PER_MESSAGE,
+    )
+    _answer(conn, change, frame.client_id, same_id=frame.target)
+
+
+def _answer(conn: Connection, change: Change, client_id: str | None, same_id: str | None = None) -> None:
+    if change.outcome == "ok":
+        metrics.MESSAGES_PUBLISHED.inc()
+        conn.offer(ack_frame(change.id.decode(), client_id))
+    elif change.outcome == "same" and same_id is not None:
+        conn.offer(ack_frame(same_id, client_id))  # idempotent: nothing appended
+    elif change.outcome == ERROR_NOT_FOUND:
+        conn.offer(error_frame(ERROR_NOT_FOUND, "no such message in this room's history", client_id))
+    elif change.outcome == ERROR_FORBIDDEN:
+        conn.offer(
+            error_frame(ERROR_FORBIDDEN, "only its author or a moderator may change a message", client_id)
+        )
+    else:
+        detail = f"a message takes at most {MAX_REACTIONS_PER_MESSAGE} different reactions"
+        conn.offer(error_frame(ERROR_INVALID, detail, client_id))
+
+
+async def _read(runtime: Runtime, conn: Connection, frame: ClientRead) -> None:
+    if await runtime.broker.mark_read(user_key(conn.user), conn.room, frame.id):
+        await runtime.hub.announce_read(conn, frame.id)

@@ -12,6 +12,7 @@ refused handshake, resumes with `since=<last id>` and drops messages it has alre
 
 from __future__ import annotations
 
+from ..protocol import CLOSE_DISCONNECTED
 from .errors import (
     ChorusError,
     Disconnected,
@@ -20,8 +21,23 @@ from .errors import (
     SendRejected,
     SendUnconfirmed,
 )
-from .events import STREAM_TYPES, Ack, Error, Event, Message, Presence, Resync, Welcome, parse_frame
-from .retry import CLOSE_DISCONNECTED, FATAL_CLOSE_CODES, RETRYABLE_STATUSES, Reconnect
+from .events import (
+    STREAM_TYPES,
+    Ack,
+    Delete,
+    Edit,
+    Error,
+    Event,
+    Message,
+    Presence,
+    Reaction,
+    Read,
+    Resync,
+    Typing,
+    Welcome,
+    parse_frame,
+)
+from .retry import FATAL_CLOSE_CODES, RETRYABLE_STATUSES, Reconnect
 from .room import Room, Token, connect
 from .stats import Stats
 
@@ -32,13 +48,17 @@ __all__ = [
     "STREAM_TYPES",
     "Ack",
     "ChorusError",
+    "Delete",
     "Disconnected",
+    "Edit",
     "Error",
     "Event",
     "HandshakeRefused",
     "Message",
     "NotConnected",
     "Presence",
+    "Reaction",
+    "Read",
     "Reconnect",
     "Resync",
     "Room",
@@ -46,6 +66,7 @@ __all__ = [
     "SendUnconfirmed",
     "Stats",
     "Token",
+    "Typing",
     "Welcome",
     "connect",
     "parse_frame",

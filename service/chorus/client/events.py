@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ..protocol import STREAM_TYPES as PROTOCOL_STREAM_TYPES
 from ..protocol import StreamId
 
 
@@ -37,8 +38,9 @@ class Welcome(Event):
 class Message(Event):
     """A message in the room, replayed or live; `id` orders it (a Redis Stream id, `ms-seq`).
 
-    `edited_ts` and `deleted` (then `text` is empty) are issue 13's latest-form fields, sent
-    in history and replays once the server has edits and deletes.
+    `edited_ts`, `deleted` (then `text` is empty) and `reactions` (emoji -> users) are the
+    latest-form fields of history and of the replay on join; live, changes come as `Edit`,
+    `Delete` and `Reaction` events.
     """
 
     type: str = "message"
@@ -50,6 +52,7 @@ class Message(Event):
     replica: str
     edited_ts: float | None = None
     deleted: bool = False
+    reactions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,6 +93,62 @@ class Error(Event):
     client_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Edit(Event):
+    """Message `target` now reads `text` (edited by `user`, its author or a moderator)."""
+
+    type: str = "edit"
+    id: str
+    target: str
+    room: str
+    user: str
+    text: str
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Delete(Event):
+    """Message `target` was deleted by `user` (`api` when a backend did it)."""
+
+    type: str = "delete"
+    id: str
+    target: str
+    room: str
+    user: str
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reaction(Event):
+    """`user` added (`on`) or took back the reaction `emoji` on message `target`."""
+
+    type: str = "reaction"
+    id: str
+    target: str
+    room: str
+    user: str
+    emoji: str
+    on: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Typing(Event):
+    """`user` is typing in `room` (ephemeral: never replayed)."""
+
+    type: str = "typing"
+    room: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Read(Event):
+    """Our read marker in `room` moved to `id` on another of our sockets."""
+
+    type: str = "read"
+    room: str
+    id: str
+
+
 def _welcome(f: Mapping[str, Any]) -> Event:
     return Welcome(
         room=_s(f, "room"), user=_s(f, "user"), replica=_s(f, "replica"), online=_i(f, "online"), raw=f
@@ -107,8 +166,48 @@ def _message(f: Mapping[str, Any]) -> Event:
         replica=_s(f, "replica"),
         edited_ts=None if f.get("edited_ts") is None else _f(f, "edited_ts"),
         deleted=deleted,
+        reactions=_reactions(f.get("reactions")),
         raw=f,
     )
+
+
+def _reactions(value: object) -> Mapping[str, tuple[str, ...]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(users, list) for users in value.values()):
+        raise TypeError("reactions")
+    return {str(emoji): tuple(str(user) for user in users) for emoji, users in value.items()}
+
+
+def _edit(f: Mapping[str, Any]) -> Event:
+    return Edit(
+        id=_s(f, "id"), target=_s(f, "target"), room=_s(f, "room"), user=_s(f, "user"),
+        text=_s(f, "text"), ts=_f(f, "ts"), raw=f,
+    )  # fmt: skip
+
+
+def _delete(f: Mapping[str, Any]) -> Event:
+    return Delete(
+        id=_s(f, "id"), target=_s(f, "target"), room=_s(f, "room"), user=_s(f, "user"), ts=_f(f, "ts"), raw=f
+    )
+
+
+def _reaction(f: Mapping[str, Any]) -> Event:
+    on = f["on"]
+    if not isinstance(on, bool):
+        raise TypeError("on")
+    return Reaction(
+        id=_s(f, "id"), target=_s(f, "target"), room=_s(f, "room"), user=_s(f, "user"),
+        emoji=_s(f, "emoji"), on=on, raw=f,
+    )  # fmt: skip
+
+
+def _typing(f: Mapping[str, Any]) -> Event:
+    return Typing(room=_s(f, "room"), user=_s(f, "user"), raw=f)
+
+
+def _read(f: Mapping[str, Any]) -> Event:
+    return Read(room=_s(f, "room"), id=_s(f, "id"), raw=f)
 
 
 def _ack(f: Mapping[str, Any]) -> Event:
@@ -136,14 +235,18 @@ _PARSERS = {
     "presence": _presence,
     "resync": _resync,
     "error": _error,
+    "edit": _edit,
+    "delete": _delete,
+    "reaction": _reaction,
+    "typing": _typing,
+    "read": _read,
 }
 
 
 # Frames that are entries of the room's stream: each has its own `id`, keeps its order with
 # the others and is replayed on resume, so each moves the resume cursor and is deduplicated
-# by id. Issue 13 adds edit, delete and reaction; a client that predates them still resumes
-# after them instead of seeing them twice.
-STREAM_TYPES: Final = frozenset({"message", "edit", "delete", "reaction"})
+# by id.
+STREAM_TYPES: Final = PROTOCOL_STREAM_TYPES
 
 
 def stream_id(event: Event) -> StreamId | None:

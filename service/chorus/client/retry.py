@@ -8,14 +8,10 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
-from ..protocol import CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED_DATA
-
-# "Disconnected by the server" (issue 13's server API): not in protocol.py yet; move it there
-# when the server sends it.
-CLOSE_DISCONNECTED: Final = 4001
+from ..protocol import CLOSE_DISCONNECTED, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED_DATA
 
 # Close codes after which reconnecting would only repeat the mistake. The chat page
-# (static/app.js, FATAL_CLOSES) stops on the same codes except 4001, which it predates.
+# (static/app.js, FATAL_CLOSES) stops on the same codes.
 FATAL_CLOSE_CODES: Final = frozenset(
     {CLOSE_UNSUPPORTED_DATA, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_DISCONNECTED}
 )

@@ -8,7 +8,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection
@@ -118,6 +118,45 @@ class Room:
         `send_timeout`, after it was written: it may or may not be stored. The server does not
         deduplicate by `client_id`, so resending an unconfirmed message may store it twice.
         """
+        return await self._request({"type": "message", "text": text}, client_id)
+
+    async def edit(self, message_id: str, text: str, client_id: str | None = None) -> Ack:
+        """Replace the text of one of our messages (any, as a moderator); the ack's `id` is the edit's.
+
+        `SendRejected` with `not_found` (no such message in the room's history, or deleted),
+        `forbidden` (not ours) or `invalid`; otherwise as `send`.
+        """
+        return await self._request({"type": "edit", "id": message_id, "text": text}, client_id)
+
+    async def delete(self, message_id: str, client_id: str | None = None) -> Ack:
+        """Delete one of our messages (any, as a moderator); errors as `edit`."""
+        return await self._request({"type": "delete", "id": message_id}, client_id)
+
+    async def react(
+        self, message_id: str, emoji: str, *, on: bool = True, client_id: str | None = None
+    ) -> Ack:
+        """Add (or with `on=False` take back) a reaction: one emoji; idempotent per user and emoji."""
+        return await self._request(
+            {"type": "react", "target": message_id, "emoji": emoji, "on": on}, client_id
+        )
+
+    async def typing(self) -> None:
+        """Tell the room we are typing (the server drops more than one per 2 s); a no-op offline."""
+        await self._fire({"type": "typing"})
+
+    async def read(self, message_id: str) -> None:
+        """Move our read marker in this room forward to `message_id`; a no-op offline."""
+        await self._fire({"type": "read", "id": message_id})
+
+    async def _fire(self, body: dict[str, Any]) -> None:
+        """Write a frame that gets no answer, if a socket is open; never waits for one."""
+        ws = self._ws
+        if ws is None or ws.state is not State.OPEN or not self._live.is_set():
+            return
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(json.dumps(body))
+
+    async def _request(self, body: dict[str, Any], client_id: str | None) -> Ack:
         if client_id is None:
             self._sequence += 1
             client_id = f"{self._client_ids}{self._sequence}"
@@ -125,7 +164,7 @@ class Room:
             raise ValueError(f"client_id must be at most {CLIENT_ID_MAX} chars")
         if client_id in self._pending:
             raise ValueError(f"a send with client_id {client_id!r} is already waiting for its ack")
-        frame = json.dumps({"type": "message", "text": text, "client_id": client_id})
+        frame = json.dumps({**body, "client_id": client_id})
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._send_timeout
         while True:

@@ -9,7 +9,10 @@
   const BACKOFF_BASE_MS = 500;
   const BACKOFF_MAX_MS = 15000;
   // Close codes after which reconnecting cannot help: the page would only repeat the mistake.
-  const FATAL_CLOSES = new Set([1003, 1008, 1009]);
+  const FATAL_CLOSES = new Set([1003, 1008, 1009, 4001]);
+  const TYPING_SEND_MS = 2000; // the server drops more than one per 2 s anyway
+  const TYPING_SHOW_MS = 5000;
+  const QUICK_REACTIONS = ["👍", "❤️", "😂"];
 
   const $ = (id) => document.getElementById(id);
   const ui = {
@@ -17,11 +20,14 @@
     name: $("name"), room: $("room"), title: $("room-title"), messages: $("messages"),
     count: $("online-count"), users: $("users"), sendForm: $("send"), text: $("text"),
     sendButton: document.querySelector("#send button"), notice: $("notice"),
+    typing: $("typing"), rooms: $("rooms"), editing: $("editing"),
   };
 
   const chat = {
     name: "", room: "", ws: null, lastId: null, seen: new Set(), users: new Set(),
     attempt: 0, timer: null, pending: new Map(), clientSeq: 0, generation: 0,
+    typers: new Map(), lastTyping: 0, editing: null, lastRead: null, sentRead: null,
+    reactions: new Map(), dividerDone: false, roomsLoaded: false,
   };
 
   // -- ids ----------------------------------------------------------------------------------
@@ -62,8 +68,201 @@
       time.textContent = when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
       meta.append(time);
     }
-    li.append(who, text, meta);
+    const reactions = document.createElement("span");
+    reactions.className = "reactions";
+    li.append(who, text, meta, reactions);
+    if (frame.id) decorate(li, frame, mine);
     return li;
+  }
+
+  // Edited mark, deleted state, reactions and the buttons (keyboard reachable) of one message.
+  function decorate(li, frame, mine) {
+    if (frame.deleted) { markDeleted(li); return; }
+    if (frame.edited_ts) markEdited(li);
+    if (frame.reactions) {
+      chat.reactions.set(frame.id, new Map(
+        Object.entries(frame.reactions).map(([emoji, users]) => [emoji, new Set(users)]),
+      ));
+    }
+    renderReactions(li);
+    if (li.querySelector(".actions")) return;
+    const actions = document.createElement("span");
+    actions.className = "actions";
+    for (const emoji of QUICK_REACTIONS) {
+      actions.append(button(`React ${emoji}`, emoji, () => toggleReaction(li.dataset.id, emoji)));
+    }
+    if (mine) {
+      actions.append(button("Edit message", "Edit", () => startEdit(li)));
+      const del = button("Delete message", "Delete", () => deleteMessage(li, del));
+      actions.append(del);
+    }
+    li.append(actions);
+  }
+
+  function button(label, text, onClick) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "small";
+    b.textContent = text;
+    b.setAttribute("aria-label", label);
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
+  function markEdited(li) {
+    if (li.querySelector(".edited")) return;
+    const mark = document.createElement("span");
+    mark.className = "edited";
+    mark.textContent = "(edited)";
+    li.querySelector(".meta").append(" ", mark);
+  }
+
+  function markDeleted(li) {
+    li.classList.add("deleted");
+    li.querySelector(".text").textContent = "message deleted";
+    li.querySelector(".reactions").replaceChildren();
+    li.querySelector(".actions")?.remove();
+    if (chat.editing === li.dataset.id) stopEdit();
+  }
+
+  function renderReactions(li) {
+    const box = li.querySelector(".reactions");
+    const byEmoji = chat.reactions.get(li.dataset.id) || new Map();
+    box.replaceChildren(...[...byEmoji].filter(([, users]) => users.size).map(([emoji, users]) => {
+      const chip = button(`${emoji} by ${[...users].join(", ")}`, `${emoji} ${users.size}`,
+        () => toggleReaction(li.dataset.id, emoji));
+      chip.classList.add("reaction");
+      if (users.has(chat.name)) chip.classList.add("on");
+      return chip;
+    }));
+  }
+
+  function itemById(id) {
+    return ui.messages.querySelector(`li[data-id="${CSS.escape(id)}"]`);
+  }
+
+  function applyReaction(target, emoji, user, on) {
+    const byEmoji = chat.reactions.get(target) || new Map();
+    chat.reactions.set(target, byEmoji);
+    const users = byEmoji.get(emoji) || new Set();
+    byEmoji.set(emoji, users);
+    if (on) users.add(user); else users.delete(user);
+    const li = itemById(target);
+    if (li) renderReactions(li);
+  }
+
+  function applyChange(frame) {
+    const li = itemById(frame.target);
+    if (!li) return;
+    if (frame.type === "edit") {
+      li.querySelector(".text").textContent = frame.text;
+      markEdited(li);
+    } else if (frame.type === "delete") {
+      markDeleted(li);
+    } else if (frame.type === "reaction") {
+      applyReaction(frame.target, frame.emoji, frame.user, frame.on);
+    }
+  }
+
+  function sendFrame(body) {
+    if (!chat.ws || chat.ws.readyState !== WebSocket.OPEN) return false;
+    chat.ws.send(JSON.stringify(body));
+    return true;
+  }
+
+  function toggleReaction(target, emoji) {
+    const users = chat.reactions.get(target)?.get(emoji);
+    const on = !(users && users.has(chat.name));
+    if (sendFrame({ type: "react", target, emoji, on })) applyReaction(target, emoji, chat.name, on);
+  }
+
+  function startEdit(li) {
+    chat.editing = li.dataset.id;
+    ui.text.value = li.querySelector(".text").textContent;
+    ui.editing.textContent = "Editing your message: Enter saves, Escape cancels.";
+    ui.text.focus();
+  }
+
+  function stopEdit() {
+    chat.editing = null;
+    ui.editing.textContent = "";
+    ui.text.value = "";
+  }
+
+  // Two steps, both by keyboard or pointer: the first press asks, the second deletes.
+  function deleteMessage(li, del) {
+    if (!del.classList.contains("armed")) {
+      del.classList.add("armed");
+      del.textContent = "Really delete?";
+      del.setAttribute("aria-label", "Confirm delete");
+      return;
+    }
+    if (sendFrame({ type: "delete", id: li.dataset.id })) markDeleted(li);
+  }
+
+  // -- typing -----------------------------------------------------------------------------------
+  function showTyping(user) {
+    clearTimeout(chat.typers.get(user));
+    chat.typers.set(user, setTimeout(() => { chat.typers.delete(user); renderTyping(); }, TYPING_SHOW_MS));
+    renderTyping();
+  }
+
+  function renderTyping() {
+    const users = [...chat.typers.keys()].sort();
+    ui.typing.textContent = users.length ? `${users.join(", ")} ${users.length > 1 ? "are" : "is"} typing` : "";
+  }
+
+  // -- read markers, the "new since you left" divider, unread badges ------------------------------
+  function placeDivider() {
+    if (chat.dividerDone || !chat.lastRead) return;
+    const first = [...ui.messages.querySelectorAll("li[data-id]")].find(
+      (li) => idLess(chat.lastRead, li.dataset.id) && !li.classList.contains("mine"));
+    if (!first) return;
+    chat.dividerDone = true;
+    const divider = document.createElement("li");
+    divider.className = "divider";
+    divider.setAttribute("role", "separator");
+    divider.textContent = "new since you left";
+    first.before(divider);
+  }
+
+  function markRead() {
+    // Not before the marker we left with is known: the divider is placed from it.
+    if (!chat.lastId || document.hidden || !chat.roomsLoaded) return;
+    if (chat.sentRead && !idLess(chat.sentRead, chat.lastId)) return;
+    if (sendFrame({ type: "read", id: chat.lastId })) chat.sentRead = chat.lastId;
+  }
+
+  async function loadRooms(generation) {
+    try {
+      const body = await getJSON(`/api/me/rooms?username=${encodeURIComponent(chat.name)}`);
+      if (generation !== chat.generation) return;
+      const here = body.rooms.find((r) => r.room === chat.room);
+      if (!chat.roomsLoaded) {
+        chat.roomsLoaded = true;
+        if (here) chat.lastRead = here.last_read;
+        placeDivider();
+        markRead();
+      }
+      ui.rooms.replaceChildren(...body.rooms.map((r) => {
+        const li = document.createElement("li");
+        const a = document.createElement("a");
+        a.href = `#${r.room}`;
+        a.textContent = r.room;
+        if (r.room === chat.room) a.setAttribute("aria-current", "page");
+        li.append(a);
+        if (r.room !== chat.room && r.unread > 0) {
+          const badge = document.createElement("span");
+          badge.className = "badge";
+          badge.textContent = r.unread >= 1000 ? "999+" : String(r.unread);
+          badge.setAttribute("aria-label", `${r.unread} unread`);
+          li.append(" ", badge);
+        }
+        return li;
+      }));
+    } catch (err) {
+      console.warn("rooms", err);
+    }
   }
 
   function follow(render) {
@@ -89,6 +288,8 @@
       if (after) after.after(li);
       else ui.messages.prepend(li);
     });
+    placeDivider();
+    markRead();
   }
 
   // One of our own messages came back in a replay: if it is one we saw as unconfirmed,
@@ -109,6 +310,7 @@
     chat.pending.delete(clientId);
     chat.seen.add(id);
     item.li.dataset.id = id;
+    decorate(item.li, { id }, true);
     item.li.classList.remove("unconfirmed");
     const meta = item.li.querySelector(".meta");
     meta.textContent = "";
@@ -197,12 +399,27 @@
         setState("connected");
         notice("");
         loadPresence(generation);
+        loadRooms(generation);
         break;
       case "message":
         addMessage(frame);
         break;
       case "ack":
-        confirm(frame.client_id, frame.id);
+        if (frame.client_id) confirm(frame.client_id, frame.id);
+        break;
+      case "edit":
+      case "delete":
+      case "reaction":
+        if (chat.seen.has(frame.id)) break;
+        chat.seen.add(frame.id);
+        if (!chat.lastId || idLess(chat.lastId, frame.id)) chat.lastId = frame.id;
+        applyChange(frame);
+        break;
+      case "typing":
+        if (frame.user !== chat.name) showTyping(frame.user);
+        break;
+      case "read":
+        if (frame.room === chat.room) chat.sentRead = frame.id;
         break;
       case "presence":
         if (frame.event === "join") chat.users.add(frame.user);
@@ -265,7 +482,11 @@
     chat.generation += 1;
     Object.assign(chat, {
       name, room, lastId: null, seen: new Set(), users: new Set(), attempt: 0, pending: new Map(),
+      typers: new Map(), editing: null, lastRead: null, sentRead: null, reactions: new Map(),
+      dividerDone: false, roomsLoaded: false,
     });
+    ui.typing.textContent = "";
+    ui.editing.textContent = "";
     localStorage.setItem("chorus.name", name);
     if (location.hash.slice(1) !== room) history.replaceState(null, "", `#${room}`);
     ui.title.textContent = `Messages in ${room}`;
@@ -292,6 +513,15 @@
     event.preventDefault();
     const text = ui.text.value;
     if (!text.trim() || !chat.ws || chat.ws.readyState !== WebSocket.OPEN) return;
+    if (chat.editing) {
+      const li = itemById(chat.editing);
+      if (sendFrame({ type: "edit", id: chat.editing, text }) && li) {
+        li.querySelector(".text").textContent = text;
+        markEdited(li);
+      }
+      stopEdit();
+      return;
+    }
     chat.clientSeq += 1;
     const clientId = `c${chat.clientSeq}`;
     chat.ws.send(JSON.stringify({ type: "message", text, client_id: clientId }));
@@ -301,6 +531,22 @@
     follow(() => ui.messages.append(li));
     ui.text.value = "";
   });
+
+  ui.text.addEventListener("input", () => {
+    const now = Date.now();
+    if (chat.editing || !ui.text.value || now - chat.lastTyping < TYPING_SEND_MS) return;
+    if (sendFrame({ type: "typing" })) chat.lastTyping = now;
+  });
+  ui.text.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && chat.editing) stopEdit();
+    // Up arrow in an empty box edits your last message, as in Slack and Discord.
+    if (event.key === "ArrowUp" && !ui.text.value) {
+      const mine = [...ui.messages.querySelectorAll("li.mine[data-id]:not(.deleted)")].pop();
+      if (mine) { event.preventDefault(); startEdit(mine); }
+    }
+  });
+  document.addEventListener("visibilitychange", markRead);
+  setInterval(() => { if (chat.ws) loadRooms(chat.generation); }, 10000);
 
   // A shared link's fragment names the room; changing it switches room.
   window.addEventListener("hashchange", () => {
