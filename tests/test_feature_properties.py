@@ -87,7 +87,9 @@ def test_wrong_shapes_are_invalid_never_a_crash(body: dict[str, str]) -> None:
     if body["type"] not in ("edit", "delete", "react", "read"):
         return
     with pytest.raises(ProtocolError) as refused:
-        parse(body)  # ids are text here but never a valid id with the other fields wrong, or on is a str
+        parse(
+            dict(body.items())
+        )  # ids are text here but never a valid id with the other fields wrong, or on is a str
     assert refused.value.code in (ERROR_INVALID, "too_large")
 
 

@@ -13,8 +13,8 @@ import jwt
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from chat import Chat
 from chorus.devcluster import LocalCluster, RedisServer
+from tests.chat import Chat
 
 pytestmark = pytest.mark.anyio
 
@@ -48,6 +48,11 @@ async def history(cluster: LocalCluster, room: str, **params: Any) -> list[dict[
         assert response.status_code == 200, response.text
         messages: list[dict[str, Any]] = response.json()["messages"]
         return messages
+
+
+def answer_to(client_id: str) -> Callable[[dict[str, Any]], bool]:
+    """The ack or error frame that answers the frame sent with `client_id`."""
+    return lambda frame: frame.get("client_id") == client_id
 
 
 def stream_frames(chat: Chat) -> list[dict[str, Any]]:
@@ -199,7 +204,7 @@ async def test_reactions_are_idempotent_ordered_and_folded_into_history(
     await send(alice, type="react", target=target, emoji="🇫🇷", on=True, client_id="r4")
     await send(alice, type="react", target=target, emoji="🇫🇷", on=False, client_id="r5")
     for cid, chat in (("r1", bob), ("r2", bob), ("r3", alice), ("r4", alice), ("r5", alice)):
-        assert (await chat.wait_for(lambda f, c=cid: f.get("client_id") == c))["type"] == "ack"
+        assert (await chat.wait_for(answer_to(cid)))["type"] == "ack"
     await send(bob, type="react", target=target, emoji="ab", on=True, client_id="bad")
     assert (await bob.wait_for(lambda f: f.get("client_id") == "bad"))["code"] == "invalid"
     await send(bob, type="react", target=target, emoji="👍👍", on=True, client_id="two")
@@ -231,7 +236,7 @@ async def test_at_most_twenty_distinct_reactions_per_message(
     emojis = [chr(0x1F600 + i) for i in range(21)]
     for index, emoji in enumerate(emojis):
         await send(alice, type="react", target=target, emoji=emoji, on=True, client_id=f"c{index}")
-    answers = [await alice.wait_for(lambda f, i=i: f.get("client_id") == f"c{i}") for i in range(21)]
+    answers = [await alice.wait_for(answer_to(f"c{i}")) for i in range(21)]
     assert [a["type"] for a in answers] == ["ack"] * 20 + ["error"]
     assert answers[-1]["code"] == "invalid"
     [message] = await history(cluster, "many")

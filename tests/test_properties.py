@@ -14,6 +14,7 @@ from chorus.config import SettingsError, load_settings
 from chorus.protocol import (
     ERROR_INVALID,
     ERROR_TOO_LARGE,
+    ClientMessage,
     ProtocolError,
     StreamId,
     check_text,
@@ -45,6 +46,9 @@ def test_any_text_frame_is_a_message_or_a_protocol_error(raw: str, limit: int) -
     except ProtocolError as exc:
         assert exc.code in (ERROR_INVALID, ERROR_TOO_LARGE)
         return
+    if not isinstance(message, ClientMessage):
+        assert raw.lstrip().startswith("{"), "only a JSON object can be another kind of frame"
+        return
     assert message.text.strip()
     assert len(message.text.encode()) <= limit
 
@@ -60,6 +64,9 @@ def test_any_json_object_is_a_message_or_a_protocol_error(body: dict[str, object
         assert exc.code in (ERROR_INVALID, ERROR_TOO_LARGE)
         if isinstance(body.get("client_id"), str) and len(str(body["client_id"])) <= 64:
             assert exc.client_id == body["client_id"]
+        return
+    if not isinstance(message, ClientMessage):
+        assert body.get("type") in ("typing", "edit", "delete", "react", "read"), body
         return
     assert body.get("type") == "message" and message.text == body["text"]
 

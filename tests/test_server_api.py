@@ -10,8 +10,8 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from chat import Chat
 from chorus.devcluster import LocalCluster
+from tests.chat import Chat
 
 pytestmark = pytest.mark.anyio
 

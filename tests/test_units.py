@@ -11,6 +11,7 @@ from chorus.logs import redact
 from chorus.protocol import (
     CLOSE_LABELS,
     REJECTION_REASONS,
+    ClientMessage,
     ProtocolError,
     StreamId,
     close_label,
@@ -82,10 +83,10 @@ def test_stream_ids_order_numerically() -> None:
 
 
 def test_client_frames() -> None:
-    assert parse_client_frame("hello", max_message_bytes=10).text == "hello"
-    assert parse_client_frame("[1]", max_message_bytes=10).text == "[1]"
+    assert parse_client_frame("hello", max_message_bytes=10) == ClientMessage("hello", None)
+    assert parse_client_frame("[1]", max_message_bytes=10) == ClientMessage("[1]", None)
     parsed = parse_client_frame('{"type":"message","text":"x","client_id":"c"}', max_message_bytes=10)
-    assert (parsed.text, parsed.client_id) == ("x", "c")
+    assert parsed == ClientMessage("x", "c")
     with pytest.raises(ProtocolError) as info:
         parse_client_frame("é" * 6, max_message_bytes=10)  # 12 UTF-8 bytes
     assert info.value.code == "too_large"
