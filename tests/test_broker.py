@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 
-from chorus.broker import Broker, Gap, MemoryBroker, Message, RedisBroker, Subscription
+from chorus import keys
+from chorus.broker import Broker, Change, Gap, MemoryBroker, Message, RedisBroker, Subscription
 from chorus.config import Settings
 from chorus.devcluster import RedisServer
-from chorus.protocol import ZERO_ID, StreamId, decode_published
+from chorus.protocol import TYPE_DELETE, ZERO_ID, StreamId, change_tail, decode_published
 
 pytestmark = pytest.mark.anyio
 
@@ -61,6 +63,59 @@ async def test_history_reads_recent_and_after_and_report_a_trimmed_anchor(broker
     assert after is not None and [e.id for e in after] == ids[-2:]
     # history_size is 5 (MAXLEN ~ may keep a few more in Redis): the first id is gone.
     assert await broker.read_after("r", StreamId((1, 0)), 10) is None, "a missing anchor is not a gap"
+
+
+async def react(broker: Broker, target: bytes, user: str) -> Change:
+    tail = change_tail(ts=1.5, target=target.decode(), room="r", user=user, emoji="+1", on=True)
+    return await broker.react(
+        "r", tail, b"s.1", target=target.decode(), user=user, emoji="+1", on=True, limit=20
+    )
+
+
+async def delete(broker: Broker, target: bytes) -> Change:
+    tail = change_tail(ts=1.5, target=target.decode(), room="r", user="u")
+    return await broker.append_change(
+        "r", TYPE_DELETE, tail, b"s.1", target=target.decode(), author="u", moderator=False
+    )
+
+
+async def state_targets(broker: Broker) -> set[str]:
+    """The targets the room's change state still holds anything for (Redis: hash and index)."""
+    if isinstance(broker, RedisBroker):
+        client = broker.commands.client
+        fields = [*await client.hkeys(keys.state("r")), *await client.zrange(keys.state_index("r"), 0, -1)]
+        return {field.decode().split(":")[1] for field in fields if isinstance(field, bytes)}
+    assert isinstance(broker, MemoryBroker)
+    held = {target for _, target in broker._deleted} | {target for _, target in broker._reactions}
+    return held | {target for _, target in broker._changed.get("r", [])}
+
+
+async def test_change_state_is_dropped_with_the_targets_the_stream_trims(broker: Broker) -> None:
+    old_reacted, old_deleted = [await broker.append("r", TAIL, b"s.1") for _ in range(2)]
+    assert (await react(broker, old_reacted, "a")).outcome == "ok"
+    assert (await react(broker, old_reacted, "b")).outcome == "ok"
+    assert (await delete(broker, old_deleted)).outcome == "ok"
+    # history_size 5; Redis's MAXLEN ~ trims whole stream nodes (100 entries), so append on.
+    for _ in range(400):
+        if await broker.read_after("r", StreamId.parse(old_deleted), 1) is None:
+            break
+        await broker.append("r", TAIL, b"s.1")
+    assert await broker.read_after("r", StreamId.parse(old_reacted), 1) is None, "the stream never trimmed"
+    assert await state_targets(broker) == {old_reacted.decode(), old_deleted.decode()}
+
+    live, live_deleted = await broker.append("r", TAIL, b"s.1"), await broker.append("r", TAIL, b"s.1")
+    assert (await react(broker, live, "a")).outcome == "ok"  # this change prunes the trimmed ones
+    assert (await delete(broker, live_deleted)).outcome == "ok"
+
+    assert await state_targets(broker) == {live.decode(), live_deleted.decode()}
+    assert (await react(broker, old_reacted, "c")).outcome == "not_found"
+    assert (await react(broker, live, "a")).outcome == "same", "a live reaction was forgotten"
+    assert (await delete(broker, live_deleted)).outcome == "not_found", "a live deletion was forgotten"
+    latest = [orjson.loads(frame) for frame in await broker.latest("r", 2)]
+    assert [(m["id"], m.get("reactions"), m.get("deleted")) for m in latest] == [
+        (live.decode(), {"+1": ["a"]}, None),
+        (live_deleted.decode(), None, True),
+    ]
 
 
 async def test_probe_and_announce_reach_only_their_channel(broker: Broker) -> None:

@@ -52,6 +52,7 @@ def test_redis_keys_follow_one_rule() -> None:
     built = [keys.channel(room), keys.stream(room), keys.presence_entries(room), keys.online(room)]
     built += [keys.names(room), keys.connections("dave"), keys.heartbeat("ab12"), keys.probe("r:1")]
     built += [keys.presence_rooms("ab12"), keys.state(room), keys.typing(room), keys.read_markers("dave")]
+    built += [keys.state_index(room)]
     built += [keys.control()]
     for key in built:
         assert re.fullmatch(r"chorus:[a-z-]+:\{[^{}]+\}", key), key

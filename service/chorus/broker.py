@@ -19,6 +19,7 @@ a single replica (`CHORUS_REDIS_URL` unset).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import inspect
 import itertools
 import logging
@@ -54,7 +55,7 @@ from .protocol import (
     encode_published,
     stream_frame,
 )
-from .scripts import APPEND_CHANGE, MARK_READ, REACT, TYPING
+from .scripts import APPEND_CHANGE, MARK_READ, REACT, STATE_PRUNE_BATCH, TYPING
 from .shards import ShardedPubSubBackend
 from .topology import SentinelResolver, Topology, command_client, sentinels
 
@@ -406,7 +407,7 @@ class RedisBroker(Broker):
     async def append_change(
         self, room: str, kind: str, tail: bytes, sender: bytes, *, target: str, author: str, moderator: bool
     ) -> Change:
-        room_keys = [keys.stream(room), keys.channel(room), keys.state(room)]
+        room_keys = _change_keys(room)
         args: list[bytes | str | int] = [
             self._maxlen,
             tail,
@@ -430,7 +431,7 @@ class RedisBroker(Broker):
         on: bool,
         limit: int,
     ) -> Change:
-        room_keys = [keys.stream(room), keys.channel(room), keys.state(room)]
+        room_keys = _change_keys(room)
         args: list[bytes | str | int] = [self._maxlen, tail, sender, TYPE_REACTION, target, user, emoji]
         args += ["1" if on else "0", limit]
         return _change(await self._call(self._react(keys=room_keys, args=args)))
@@ -484,6 +485,10 @@ def _entries(rows: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:
     ]
 
 
+def _change_keys(room: str) -> list[str]:
+    return [keys.stream(room), keys.channel(room), keys.state(room), keys.state_index(room)]
+
+
 def _change(reply: list[bytes]) -> Change:
     outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
     return Change(outcome, reply[1] if len(reply) > 1 else b"")
@@ -500,6 +505,7 @@ class MemoryBroker(Broker):
         self._last = ZERO_ID
         self._deleted: set[tuple[str, str]] = set()
         self._reactions: dict[tuple[str, str], dict[str, set[str]]] = {}
+        self._changed: dict[str, list[tuple[StreamId, str]]] = {}  # heap per room: targets with state
         self._typing: dict[tuple[str, str], float] = {}
         self._markers: dict[str, dict[str, str]] = {}
 
@@ -549,6 +555,26 @@ class MemoryBroker(Broker):
                 return entry if entry.kind == TYPE_MESSAGE and not deleted else None
         return None
 
+    def _track(self, room: str, target: str) -> None:
+        """Index `target` when it first gets state, so `_prune` finds it once trimmed."""
+        if (room, target) not in self._deleted and (room, target) not in self._reactions:
+            heapq.heappush(self._changed.setdefault(room, []), (StreamId.parse(target), target))
+
+    def _prune(self, room: str) -> None:
+        """Drop the state of up to STATE_PRUNE_BATCH trimmed targets, as the Redis scripts do."""
+        heap, first = self._changed.get(room, []), self._rooms[room][0].id
+        for _ in range(STATE_PRUNE_BATCH):
+            if not heap or heap[0][0] >= first:
+                return
+            _, target = heapq.heappop(heap)
+            self._deleted.discard((room, target))
+            self._reactions.pop((room, target), None)
+
+    async def _append_change_entry(self, room: str, kind: str, tail: bytes, sender: bytes) -> bytes:
+        raw = await self._append_entry(room, kind, tail, sender)
+        self._prune(room)
+        return raw
+
     async def _append_entry(self, room: str, kind: str, tail: bytes, sender: bytes) -> bytes:
         msg_id = self._next_id()
         raw = str(msg_id).encode()
@@ -566,8 +592,9 @@ class MemoryBroker(Broker):
         if not moderator and orjson.loads(entry.tail).get("user") != author:
             return Change(ERROR_FORBIDDEN)
         if kind == TYPE_DELETE:
+            self._track(room, target)
             self._deleted.add((room, target))
-        return Change("ok", await self._append_entry(room, kind, tail, sender))
+        return Change("ok", await self._append_change_entry(room, kind, tail, sender))
 
     async def react(
         self,
@@ -583,6 +610,7 @@ class MemoryBroker(Broker):
     ) -> Change:
         if self._target(room, target) is None:
             return Change(ERROR_NOT_FOUND)
+        self._track(room, target)
         emojis = self._reactions.setdefault((room, target), {})
         users = emojis.get(emoji, set())
         if (user in users) == on:
@@ -595,7 +623,7 @@ class MemoryBroker(Broker):
             users.discard(user)
             if not users:
                 emojis.pop(emoji, None)
-        return Change("ok", await self._append_entry(room, TYPE_REACTION, tail, sender))
+        return Change("ok", await self._append_change_entry(room, TYPE_REACTION, tail, sender))
 
     async def typing(self, room: str, user: str, payload: bytes, *, interval: float) -> bool:
         now = time.monotonic()

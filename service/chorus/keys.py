@@ -31,8 +31,21 @@ def stream(room: str) -> str:
 
 
 def state(room: str) -> str:
-    """Hash: what the stream's changes imply for checks (deletions, reactions by user and emoji)."""
+    """Hash: what the stream's changes imply for checks (deletions, reactions by user and emoji).
+
+    Bounded by the stream: every field is also in `state_index(room)`, scored by its target's
+    ms, and each edit/delete/reaction script, after its XADD, drops up to STATE_PRUNE_BATCH
+    (16) fields whose target is older than the stream's first entry (chorus.scripts), while
+    adding at most 3. One hash plus one index,
+    both named here and passed as KEYS, so a Cluster runs the scripts on the room's shard with
+    no key built inside Lua; plain messages never touch either.
+    """
     return _key("state", room)
+
+
+def state_index(room: str) -> str:
+    """Sorted set: each `state(room)` field -> its target's ms, so stale fields go oldest first."""
+    return _key("state-index", room)
 
 
 def typing(room: str) -> str:

@@ -20,24 +20,43 @@ for i = 1, #fields, 2 do
 end
 if kind or redis.call('HEXISTS', KEYS[3], 'x:' .. ARGV[5]) == 1 then return {'not_found'} end
 """
-_APPEND_CHANGE_TAIL: Final = """
+# After the XADD (which may trim), drop up to STATE_PRUNE_BATCH state fields whose target is
+# older than the stream's first entry: the XRANGE above already answers `not_found` for them.
+# Each change adds at most 3 fields and removes up to STATE_PRUNE_BATCH stale ones, so the
+# state stays within a few fields per change entry the stream holds, at bounded cost per call,
+# and plain messages (APPEND_AND_PUBLISH) pay nothing. Scores are target ms: a trimmed target
+# that shares its ms with the first entry waits until that ms is trimmed too.
+STATE_PRUNE_BATCH: Final = 16
+_APPEND_CHANGE_TAIL: Final = f"""
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
   'd', ARGV[2], 's', ARGV[3], 'k', ARGV[4])
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local stale = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf',
+  '(' .. string.match(first[1][1], '^%d+'), 'LIMIT', 0, {STATE_PRUNE_BATCH})
+if #stale > 0 then
+  redis.call('HDEL', KEYS[3], unpack(stale))
+  redis.call('ZREM', KEYS[4], unpack(stale))
+end
 redis.call('PUBLISH', KEYS[2],
-  ARGV[3] .. ' {"type":"' .. ARGV[4] .. '","id":"' .. id .. '",' .. string.sub(ARGV[2], 2))
-return {'ok', id}
+  ARGV[3] .. ' {{"type":"' .. ARGV[4] .. '","id":"' .. id .. '",' .. string.sub(ARGV[2], 2))
+return {{'ok', id}}
 """
+# KEYS (both change scripts): stream, channel, state hash, state index (field -> target ms).
 # ARGV: maxlen, tail, sender, kind (edit|delete), target, author name, moderator (1|0).
 APPEND_CHANGE: Final = (
     _TARGET_CHECK
     + """
 if ARGV[7] ~= '1' and cjson.decode(data)['user'] ~= ARGV[6] then return {'forbidden'} end
-if ARGV[4] == 'delete' then redis.call('HSET', KEYS[3], 'x:' .. ARGV[5], '1') end
+if ARGV[4] == 'delete' then
+  redis.call('HSET', KEYS[3], 'x:' .. ARGV[5], '1')
+  redis.call('ZADD', KEYS[4], string.match(ARGV[5], '^%d+'), 'x:' .. ARGV[5])
+end
 """
     + _APPEND_CHANGE_TAIL
 )
 # ARGV: maxlen, tail, sender, 'reaction', target, user key, emoji, on (1|0), max distinct.
-# State fields: r:<target>:<emoji>:<user>, e:<target>:<emoji> (users), n:<target> (emoji).
+# State fields: r:<target>:<emoji>:<user>, e:<target>:<emoji> (users), n:<target> (emoji),
+# each also in the index (the 'full' path leaves no new field: it returns before any is kept).
 REACT: Final = (
     _TARGET_CHECK
     + """
@@ -54,10 +73,14 @@ if ARGV[8] == '1' then
     end
   end
   redis.call('HSET', KEYS[3], mine, '1')
+  local ms = string.match(t, '^%d+')
+  redis.call('ZADD', KEYS[4], ms, mine, ms, per_emoji, ms, distinct)
 else
   if redis.call('HDEL', KEYS[3], mine) == 0 then return {'same'} end
+  redis.call('ZREM', KEYS[4], mine)
   if redis.call('HINCRBY', KEYS[3], per_emoji, -1) <= 0 then
     redis.call('HDEL', KEYS[3], per_emoji)
+    redis.call('ZREM', KEYS[4], per_emoji)
     redis.call('HINCRBY', KEYS[3], distinct, -1)
   end
 end
