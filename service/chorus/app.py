@@ -60,6 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         join_timeout=5.0,
         replay_limit=settings.history_size,
         coalesce_seconds=settings.coalesce_seconds,
+        presence_interval=settings.presence_interval_seconds,
+        presence_max_members=settings.presence_max_members,
     )
     # Presence entries are named by connection tag, so they share the tags' prefix.
     tag_prefix = secrets.token_hex(4).encode()

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(32, ge=1, le=10_000)
     # -- Presence heartbeat; a replica that dies is gone from presence after 3 missed beats.
     presence_heartbeat_seconds: float = Field(3.0, gt=0, le=60)
+    # -- A room's joins and leaves reach its members as at most one diff frame per interval
+    # (0: one frame per change). Without it a wave of N joins costs N*N/2 frames.
+    presence_interval_seconds: float = Field(0.5, ge=0, le=60)
+    # -- Above this many users a room's presence frames carry only the count; the list is at
+    # GET /api/rooms/{room}/presence.
+    presence_max_members: int = Field(100, ge=0, le=1_000_000)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "text"
 

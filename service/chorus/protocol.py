@@ -225,6 +225,19 @@ def presence_frame(room: str, event: str, user: str, online: int) -> str:
     return orjson.dumps(body).decode()
 
 
+def presence_diff_frame(room: str, joins: list[str], leaves: list[str], online: int) -> str:
+    """What members receive: a room's presence changes over one interval, at most one frame.
+
+    A room above CHORUS_PRESENCE_MAX_MEMBERS gets only its count (no `joins`/`leaves`).
+    """
+    body: dict[str, object] = {"type": "presence", "room": room}
+    if joins or leaves:
+        body["joins"] = joins
+        body["leaves"] = leaves
+    body["online"] = online
+    return orjson.dumps(body).decode()
+
+
 def decode_event(payload: bytes) -> tuple[bytes, str] | None:
     """Split a pub/sub payload `<sender> <presence frame>`; None when it is not one."""
     space = payload.find(b" ")
