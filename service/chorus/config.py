@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     # -- Above this many users a room's presence frames carry only the count; the list is at
     # GET /api/rooms/{room}/presence.
     presence_max_members: int = Field(100, ge=0, le=1_000_000)
+    # -- Handshakes doing Redis work at once (upgrade to welcome); beyond it: 503 + Retry-After.
+    max_pending_handshakes: int = Field(200, ge=1, le=100_000)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "text"
 

@@ -94,6 +94,7 @@ REJECT_HOST: Final = "host"  # Host header not in CHORUS_ALLOWED_HOSTS
 REJECT_DRAINING: Final = "draining"
 REJECT_MAX_CONNECTIONS: Final = "max_connections"
 REJECT_MAX_CONNECTIONS_PER_USER: Final = "max_connections_per_user"
+REJECT_TOO_MANY_HANDSHAKES: Final = "too_many_handshakes"  # CHORUS_MAX_PENDING_HANDSHAKES
 REJECT_BINARY: Final = "binary"
 REJECT_FLOOD: Final = "flood"
 REJECT_INVALID_UTF8: Final = "invalid_utf8"

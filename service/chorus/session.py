@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import time
 from typing import Final
@@ -37,6 +38,7 @@ from .protocol import (
     REJECT_INVALID_UTF8,
     REJECT_MAX_CONNECTIONS,
     REJECT_MAX_CONNECTIONS_PER_USER,
+    REJECT_TOO_MANY_HANDSHAKES,
     ROOM_RULE,
     USERNAME_RULE,
     ProtocolError,
@@ -59,6 +61,14 @@ log = logging.getLogger("chorus.session")
 
 WS_PREFIX: Final = "/ws/"
 PEER_CLOSE_WAIT_SECONDS: Final = 1.0
+# A refused handshake is told to come back after 1 to 5 s, drawn per refusal: a wave shed at
+# once returns spread over four seconds instead of as the same wave one second later.
+RETRY_AFTER_SECONDS: Final = (1, 5)
+
+
+def retry_after() -> str:
+    """A jittered `Retry-After` value (whole seconds, as RFC 9110 has it)."""
+    return str(random.randint(*RETRY_AFTER_SECONDS))
 
 
 class ChatSockets:
@@ -90,10 +100,15 @@ async def serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> Non
         # The handshake's contract since the first release: any token problem is 403 (a
         # WebSocket client has no credential challenge to answer); the HTTP reads say 401.
         status = 403 if rejection.status == 401 else rejection.status
-        await websocket.send_denial_response(JSONResponse({"detail": rejection.detail}, status_code=status))
+        headers = {"Retry-After": retry_after()} if status == 503 else None
+        response = JSONResponse({"detail": rejection.detail}, status_code=status, headers=headers)
+        await websocket.send_denial_response(response)
         return
     tag = runtime.next_tag()
     runtime.sockets += 1
+    # From here to the welcome the socket does Redis work (lease, presence, history): it counts
+    # against CHORUS_MAX_PENDING_HANDSHAKES until `_session` ends the handshake (or we do).
+    handshake = _Handshake(runtime)
     try:
         # Counted per user_key: `Dave` and `dave` share the cap.
         if not await runtime.limiter.acquire(user_key(identity.user), tag.decode()):
@@ -103,11 +118,27 @@ async def serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> Non
             await websocket.send_denial_response(JSONResponse({"detail": detail}, status_code=429))
             return
         try:
-            await _session(websocket, room, runtime, identity, subprotocol, history, tag)
+            await _session(websocket, room, runtime, identity, subprotocol, history, tag, handshake)
         finally:
             await runtime.limiter.release(user_key(identity.user), tag.decode())
     finally:
+        handshake.end()
         runtime.sockets -= 1
+
+
+class _Handshake:
+    """Counts one socket in `Runtime.handshakes` until `end()` (idempotent)."""
+
+    __slots__ = ("_runtime",)
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime: Runtime | None = runtime
+        runtime.handshakes += 1
+
+    def end(self) -> None:
+        if self._runtime is not None:
+            self._runtime.handshakes -= 1
+            self._runtime = None
 
 
 def _admit(websocket: WebSocket, room: str, runtime: Runtime) -> tuple[Identity, str | None, int]:
@@ -135,6 +166,10 @@ def _admit(websocket: WebSocket, room: str, runtime: Runtime) -> tuple[Identity,
         raise Rejection(503, REJECT_DRAINING, "this replica is draining; reconnect")
     if settings.max_connections and runtime.sockets >= settings.max_connections:
         raise Rejection(503, REJECT_MAX_CONNECTIONS, "this replica is full; reconnect")
+    if runtime.handshakes >= settings.max_pending_handshakes:
+        # Shed a reconnect wave here, before any Redis work; readiness is not touched, so the
+        # wave does not also take the replica out of the Service.
+        raise Rejection(503, REJECT_TOO_MANY_HANDSHAKES, "this replica is busy admitting others; retry later")
     return identity, subprotocol, history
 
 
@@ -146,6 +181,7 @@ async def _session(
     subprotocol: str | None,
     history: int,
     tag: bytes,
+    handshake: _Handshake,
 ) -> None:
     settings = runtime.settings
     params = websocket.query_params
@@ -178,6 +214,8 @@ async def _session(
         except BrokerUnavailable as exc:
             log.warning("cannot join %s: %s", room, exc)
             conn.close(CLOSE_INTERNAL_ERROR, "broker unavailable")
+        finally:
+            handshake.end()
         while not conn.closing:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
