@@ -147,3 +147,46 @@ async def test_a_restarted_replica_drains_and_loses_nothing(
         assert sum(room.stats.close_codes[1012] for room in rooms) > 0, "the drain closed with 1012"
         assert all(room.connected for room in rooms)
     wait_until(lambda: cluster.proxy_servers_up() == 3, 20, "the restarted replica back in the proxy")
+
+
+def sockets_on(cluster: LocalCluster, index: int) -> int:
+    text = httpx.get(f"{cluster.replica_url(index)}/metrics", timeout=5).text
+    return int(metric_value(text, "chorus_connections"))
+
+
+async def test_a_scale_out_rebalances_and_loses_nothing(make_cluster: Callable[..., LocalCluster]) -> None:
+    tolerance = 0.1
+    env = {
+        "CHORUS_PRESENCE_HEARTBEAT_SECONDS": "0.5",
+        "CHORUS_REBALANCE_SETTLE_SECONDS": "1",
+        "CHORUS_REBALANCE_TOLERANCE": str(tolerance),
+        "CHORUS_REBALANCE_RATE": "40",
+    }
+    cluster = make_cluster(3, env=env)
+    cluster.stop_replica(2)
+    cluster.wait_proxy_sees(2)
+    count = 150
+    async with AsyncExitStack() as stack:
+        rooms = await _members(cluster.ws_url, count, stack)
+        sender = await stack.enter_async_context(
+            connect(cluster.replica_ws_url(0), "live", username="sender", history=0)
+        )
+        async with collecting(rooms) as seen:
+            ids = await _publish_while(sender, lambda: cluster.start_replica(2))
+
+            def converged() -> bool:
+                counts = [sockets_on(cluster, i) for i in range(3)]
+                mean = sum(counts) / 3
+                return sum(counts) == count + 1 and max(counts) <= (1 + tolerance) * mean + 10
+
+            await asyncio.to_thread(wait_until, converged, 60, "the fleet to converge on its mean")
+            await _everyone_has(seen, ids)
+        moved = sum(room.stats.close_codes[1012] for room in rooms)
+        assert moved > 0, "sockets moved to the new replica"
+        assert sockets_on(cluster, 2) > 0
+        assert all(room.connected for room in rooms)
+    text = await metrics_text(cluster.replica_url(0))
+    closes = metric_value(text, "chorus_rebalance_closes_total") + metric_value(
+        await metrics_text(cluster.replica_url(1)), "chorus_rebalance_closes_total"
+    )
+    assert closes == moved

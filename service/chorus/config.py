@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     # -- Above this many users a room's presence frames carry only the count; the list is at
     # GET /api/rooms/{room}/presence.
     presence_max_members: int = Field(100, ge=0, le=1_000_000)
+    # -- Rebalancing (chorus.rebalance): a process holding more than (1 + tolerance) x the fleet's
+    # mean sockets closes the excess with 1012 `rebalance`, at most `rate` per second (0: off),
+    # only once every process has been ready for `settle` seconds.
+    rebalance_tolerance: float = Field(0.1, ge=0, le=10)
+    rebalance_rate: float = Field(20.0, ge=0, le=100_000)
+    rebalance_settle_seconds: float = Field(30.0, ge=0, le=3600)
     # -- Handshakes doing Redis work at once (upgrade to welcome); beyond it: 503 + Retry-After.
     max_pending_handshakes: int = Field(200, ge=1, le=100_000)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
