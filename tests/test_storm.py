@@ -177,7 +177,8 @@ async def test_a_scale_out_rebalances_and_loses_nothing(make_cluster: Callable[.
             def converged() -> bool:
                 counts = [sockets_on(cluster, i) for i in range(3)]
                 mean = sum(counts) / 3
-                return sum(counts) == count + 1 and max(counts) <= (1 + tolerance) * mean + 10
+                spread = max(abs(c - mean) for c in counts)
+                return sum(counts) == count + 1 and spread <= tolerance * mean + 10
 
             await asyncio.to_thread(wait_until, converged, 60, "the fleet to converge on its mean")
             await _everyone_has(seen, ids)

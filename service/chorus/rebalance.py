@@ -2,9 +2,10 @@
 
 Long-lived sockets stay where they landed, so a new replica sits idle while the old ones stay
 full (socket.io#5413, centrifugo#982). Every process reports its socket count and readiness
-through the broker each presence heartbeat and reads everyone's. A process holding more than
-`(1 + CHORUS_REBALANCE_TOLERANCE)` x the mean closes sockets with 1012 `rebalance` (clients
-resume with `since` elsewhere: nothing lost) until it is at the mean, at most
+through the broker each presence heartbeat and reads everyone's. While a process holds more
+than `(1 + CHORUS_REBALANCE_TOLERANCE)` x the mean, or one holds less than `(1 - tolerance)` x
+it, each process above the mean closes sockets with 1012 `rebalance` (clients resume with
+`since` elsewhere: nothing lost) down to the mean, at most
 `CHORUS_REBALANCE_RATE` per second with jitter, and re-reads the fleet every beat. It holds
 off while the fleet is changing: while any process is not ready or has been ready for less
 than `CHORUS_REBALANCE_SETTLE_SECONDS` (a rollout's surge pod must not be filled and then
@@ -38,11 +39,18 @@ MIN_EXCESS: Final = 10
 
 
 def excess(mine: int, fleet: list[Load], tolerance: float) -> int:
-    """How many sockets this process should give up: 0 within tolerance of the mean."""
+    """How many sockets this process should give up: 0 when the fleet is within tolerance.
+
+    The fleet is out of balance when a process is above (1 + tolerance) x the mean, or one is
+    below (1 - tolerance) x it (a new replica two loaded ones each just under the upper bound
+    would leave short); then each process above the mean sheds down to it.
+    """
     if len(fleet) < 2:
         return 0
     mean = sum(load.sockets for load in fleet) / len(fleet)
-    if mine <= (1 + tolerance) * mean or mine - mean < MIN_EXCESS:
+    counts = [load.sockets for load in fleet]
+    balanced = max(counts) <= (1 + tolerance) * mean and min(counts) >= (1 - tolerance) * mean
+    if balanced or mine - mean < MIN_EXCESS:
         return 0
     return int(mine - mean)
 
