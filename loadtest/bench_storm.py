@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
+import sys
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chorus.client import Reconnect, Room
 from chorus.client import connect as chorus_connect
@@ -150,6 +153,84 @@ async def scale_out(count: int, tolerance: float, rate: float) -> dict[str, Any]
     }
 
 
+async def generator(urls: list[str], count: int, source: str, hold: float, concurrency: int) -> None:
+    """One load process: `count` idle joined sockets from `source`, spread over `urls`; print, hold."""
+    slots = asyncio.Semaphore(concurrency)
+    welcomed: list[float] = []
+    sockets: list[ClientConnection] = []
+    failed = 0
+
+    async def one(i: int) -> None:
+        nonlocal failed
+        async with slots:
+            try:
+                ws = await connect(
+                    f"{urls[i % len(urls)]}/ws/hold-{i % 1000}?username={source}-{i}&history=0",
+                    open_timeout=120,
+                    local_addr=(source, 0),
+                    max_queue=4,
+                )
+                async with asyncio.timeout(120):
+                    while b'"type":"welcome"' not in await ws.recv(decode=False):
+                        pass
+            except (OSError, TimeoutError, InvalidStatus, ConnectionClosed):
+                failed += 1
+                return
+            welcomed.append(time.monotonic())
+            sockets.append(ws)
+
+    start = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    elapsed = (max(welcomed) if welcomed else time.monotonic()) - start
+    print(json.dumps({"welcomed": len(welcomed), "failed": failed, "seconds": round(elapsed, 2)}), flush=True)
+    await asyncio.sleep(hold)  # idle: the replicas' keepalive pings are answered by websockets
+    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def hold(count: int, idle: float, concurrency: int) -> dict[str, Any]:
+    """2 replicas hold `count` idle joined sockets: RSS per socket, idle CPU, handshakes/s."""
+    env = {"CHORUS_MAX_CONNECTIONS": "0", "CHORUS_LOG_LEVEL": "warning"}
+    per_process = 9_000  # under the 20,000 fd hard limit with room, one source address each
+    with LocalCluster(2, env=env) as cluster:
+        urls = [cluster.replica_ws_url(i) for i in range(2)]
+        rss_before = [r.rss_kib() for r in cluster.replicas]
+        procs = []
+        for j, start in enumerate(range(0, count, per_process)):
+            n = min(per_process, count - start)
+            argv = [sys.executable, "-m", "loadtest.bench_storm", "--generator", str(n), "--source",
+                    f"127.0.0.{2 + j}", "--hold-seconds", str(idle + 60), "--concurrency",
+                    str(concurrency // 2 or 1), *[a for u in urls for a in ("--url", u)]]  # fmt: skip
+            procs.append(await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE))
+        opened = [json.loads(await asyncio.wait_for(p.stdout.readline(), 600)) for p in procs if p.stdout]
+        held = sum(o["welcomed"] for o in opened)
+        await asyncio.sleep(5)
+        rss_after = [r.rss_kib() for r in cluster.replicas]
+        cpu_before = [_cpu_seconds(r.pid) for r in cluster.replicas]
+        await asyncio.sleep(idle)
+        cpu_after = [_cpu_seconds(r.pid) for r in cluster.replicas]
+        for p in procs:
+            p.terminate()
+            await p.wait()
+    per_replica = held / 2
+    cpu = [round(a - b, 2) for a, b in zip(cpu_after, cpu_before, strict=True)]
+    return {
+        "sockets": held,
+        "failed": sum(o["failed"] for o in opened),
+        "generators": opened,
+        "handshakes_per_s_per_replica": round(per_replica / max(o["seconds"] for o in opened), 1),
+        "rss_kib": {"before": rss_before, "after": rss_after},
+        "rss_kib_per_socket": round((sum(rss_after) - sum(rss_before)) / held, 1) if held else None,
+        "idle_window_s": idle,
+        "idle_cpu_s": cpu,
+        "idle_cpu_percent_per_1000": round(100 * sum(cpu) / idle / (held / 1000), 3) if held else None,
+    }
+
+
 def commandstats(cluster: LocalCluster) -> dict[str, int]:
     stats: dict[str, int] = {}
     for line in cluster.redis.cli("INFO", "commandstats").splitlines():
@@ -173,6 +254,8 @@ def quiet(cluster: LocalCluster) -> dict[str, int]:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.hold:
+        return {"hold": await hold(args.hold, args.idle_seconds, args.concurrency)}
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     env = {
@@ -207,9 +290,20 @@ if __name__ == "__main__":
         "--scale-out", type=int, default=600, help="sockets for the 2 -> 3 scale-out (0: skip)"
     )
     parser.add_argument("--rebalance-rate", type=float, default=20.0)
+    parser.add_argument("--hold", type=int, default=0, help="only the hold: sockets on 2 replicas")
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--generator", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--source", default="127.0.0.2", help=argparse.SUPPRESS)
+    parser.add_argument("--hold-seconds", type=float, default=60.0, help=argparse.SUPPRESS)
+    parser.add_argument("--url", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the replicas")
     parser.add_argument("--out", type=Path, default=Path("loadtest/results"))
     args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.generator:
+        asyncio.run(generator(args.url, args.generator, args.source, args.hold_seconds, args.concurrency))
+        sys.exit(0)
     result = asyncio.run(main(args))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_storm.json").write_text(json.dumps(result, indent=2) + "\n")
