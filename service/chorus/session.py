@@ -106,8 +106,8 @@ async def serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> Non
         return
     tag = runtime.next_tag()
     runtime.sockets += 1
-    # From here to the welcome the socket does Redis work (lease, presence, history): it counts
-    # against CHORUS_MAX_PENDING_HANDSHAKES until `_session` ends the handshake (or we do).
+    # From here to the welcome the socket does Redis work (lease, subscription, presence): it
+    # counts against CHORUS_MAX_PENDING_HANDSHAKES until `_session` ends the handshake (or we do).
     handshake = _Handshake(runtime)
     try:
         # Counted per user_key: `Dave` and `dave` share the cap.
@@ -209,6 +209,7 @@ async def _session(
         try:
             await hub.join(conn)
             online = await runtime.presence.join(member)
+            handshake.end()  # before the welcome is written: a client that waits for it never overlaps
             conn.offer(welcome_frame(room, user, settings.replica_name, online), force=True)
             await hub.replay(conn, since=since, resume=resume, history=history)
         except BrokerUnavailable as exc:
