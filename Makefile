@@ -54,6 +54,10 @@ bench: system-deps test-deps ## Chorus vs the naive design and Node.js Socket.IO
 bench-cluster: system-deps test-deps ## Chorus on Redis Cluster, 1 shard vs 3 (and standalone): Redis CPU per message per shard, in loadtest/results/
 	$(BIN)/python -m loadtest.bench_cluster --out loadtest/results $(BENCH_ARGS)
 
+.PHONY: bench-storm
+bench-storm: system-deps test-deps ## Join waves (issue 12): 2,000 joins into one room and into separate rooms, Redis commands per join, in loadtest/results/
+	ulimit -n $$(ulimit -Hn) && $(BIN)/python -m loadtest.bench_storm --out loadtest/results $(BENCH_ARGS)
+
 ##@ Load test
 
 LOADTEST_USERS ?= 60

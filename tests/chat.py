@@ -70,6 +70,27 @@ class Chat:
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [frame for frame in self.frames if frame.get("type") == kind]
 
+    def presence_changes(self) -> list[tuple[str, str, int]]:
+        """Every presence change heard, flattened from the diff frames: (event, user, online)."""
+        changes: list[tuple[str, str, int]] = []
+        for frame in self.of("presence"):
+            changes += [("join", user, frame["online"]) for user in frame.get("joins", [])]
+            changes += [("leave", user, frame["online"]) for user in frame.get("leaves", [])]
+        return changes
+
+    def online(self) -> int:
+        """The room's count as last heard (welcome, then presence frames)."""
+        frames = self.of("presence")
+        return int(frames[-1]["online"]) if frames else int(self.welcome["online"])
+
+    async def wait_for_change(self, event: str, user: str, timeout: float = 10) -> None:
+        """Wait until a presence diff has carried `event` ("join"/"leave") of `user`."""
+
+        def has(frame: dict[str, Any]) -> bool:
+            return frame.get("type") == "presence" and user in frame.get(f"{event}s", [])
+
+        await self.wait_for(has, timeout)
+
     async def drain_for(self, seconds: float) -> None:
         """Read whatever arrives for `seconds` (to prove nothing more comes)."""
         deadline = time.monotonic() + seconds

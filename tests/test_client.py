@@ -465,12 +465,16 @@ def test_frames_parse_to_typed_events_and_unknown_ones_pass_through() -> None:
     )
     edited = parse_frame(json.dumps(_message("3-0", "y") | {"edited_ts": 9}))
     assert isinstance(edited, Message) and edited.edited_ts == 9.0 and not edited.deleted
-    presence = parse_frame('{"type":"presence","room":"r","event":"join","user":"u","online":2}')
+    presence = parse_frame('{"type":"presence","room":"r","joins":["u"],"leaves":["v"],"online":2}')
     match presence:
-        case Presence(event="join", user=user, online=online):
-            assert (user, online) == ("u", 2)
+        case Presence(joins=("u",), leaves=("v",), online=online, counts_only=False):
+            assert online == 2
         case _:
             raise AssertionError(presence)
+    counts = parse_frame('{"type":"presence","room":"r","online":500}')
+    assert isinstance(counts, Presence) and counts.counts_only and counts.joins == counts.leaves == ()
+    older = parse_frame('{"type":"presence","room":"r","event":"join","user":"u","online":2}')
+    assert isinstance(older, Presence) and (older.joins, older.leaves, older.user) == (("u",), (), "u")
 
 
 def test_the_client_offers_the_subprotocols_the_server_accepts_and_stays_light() -> None:

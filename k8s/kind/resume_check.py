@@ -1,9 +1,9 @@
 """Rolling-restart check: messages sent during a rollout all arrive, once, at resuming clients.
 
 A sender and a receiver join one room through the Gateway with `chorus.client`, which
-reconnects whenever their socket closes (1012 when their pod drains) with jittered backoff,
-honours `Retry-After` on refused handshakes (a draining pod's 503, a gateway's 502/503 while
-endpoints lag), and resumes with `since=<last id>` so the server replays what it missed and
+reconnects whenever their socket closes (1012 when their pod drains, or when `rebalance` moves
+it after the roll) with jittered backoff, honours `Retry-After` on refused handshakes (a
+draining or busy pod's 503, a gateway's 502/503 while endpoints lag), and resumes with `since=<last id>` so the server replays what it missed and
 the client drops what it already saw. The sender sends COUNT numbered messages at INTERVAL
 (within the default rate limit of 10/s), resending any refused as retryable or left
 unconfirmed by a closing socket.

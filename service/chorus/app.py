@@ -27,6 +27,7 @@ from .limits import create_user_limiter
 from .logs import configure_logging
 from .presence import create_presence
 from .protocol import API_HISTORY_DEFAULT, API_HISTORY_MAX, REJECT_BAD_REQUEST, ROOM_RULE, is_room, user_key
+from .rebalance import Rebalancer
 from .runtime import Runtime, State, lifespan_state, runtime_of
 from .security import Gatekeeper, Identity, Rejection
 from .session import ChatSockets
@@ -62,11 +63,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         join_timeout=5.0,
         replay_limit=settings.history_size,
         coalesce_seconds=settings.coalesce_seconds,
+        presence_interval=settings.presence_interval_seconds,
+        presence_max_members=settings.presence_max_members,
     )
     # Presence entries are named by connection tag, so they share the tags' prefix.
     tag_prefix = secrets.token_hex(4).encode()
     presence = create_presence(settings, broker, owner=tag_prefix.decode())
     limiter = create_user_limiter(settings, broker)
+    rebalancer = Rebalancer(
+        broker,
+        hub,
+        health,
+        process=tag_prefix.decode(),
+        interval=settings.presence_heartbeat_seconds,
+        tolerance=settings.rebalance_tolerance,
+        rate=settings.rebalance_rate,
+        settle=settings.rebalance_settle_seconds,
+    )
     runtime = Runtime(settings, broker, hub, health, presence, gatekeeper, limiter, tag_prefix=tag_prefix)
 
     @asynccontextmanager
@@ -75,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await broker.start()
         await presence.start()
         await limiter.start()
+        await rebalancer.start()
         probe = asyncio.create_task(health.run(), name="chorus-probe")
         gauges = asyncio.create_task(_sample_gauges(runtime), name="chorus-gauges")
         control = asyncio.create_task(hub.run_control(), name="chorus-control")
@@ -91,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
             # Each step is bounded: a stuck client library must not turn a clean stop into a kill.
             await _bounded("probe and gauges", asyncio.gather(probe, gauges, control, return_exceptions=True))
+            await _bounded("rebalancing", rebalancer.stop())
             await _bounded("presence", presence.stop())
             await _bounded("connection leases", limiter.stop())
             await _bounded("rooms", hub.close())

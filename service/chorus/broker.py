@@ -78,6 +78,25 @@ class Change:
     id: bytes = b""
 
 
+@dataclass(frozen=True, slots=True)
+class Load:
+    """One process's share of the fleet, as it reported it (chorus.rebalance)."""
+
+    process: str
+    sockets: int
+    ready: bool
+    ready_for: float  # seconds it has been ready (0 when it is not)
+    at: float  # time.time() of the report
+
+    def encode(self) -> bytes:
+        return orjson.dumps([self.sockets, self.ready, self.ready_for, self.at])
+
+    @classmethod
+    def decode(cls, process: str, raw: bytes) -> Load:
+        sockets, ready, ready_for, at = orjson.loads(raw)
+        return cls(process, int(sockets), bool(ready), float(ready_for), float(at))
+
+
 class BrokerUnavailable(Exception):
     """Redis could not take the message in time; the sender gets an `unavailable` error frame."""
 
@@ -243,8 +262,19 @@ class Broker(ABC):
         """Publish an event to `room`'s subscribers outside its stream (presence, in one process)."""
         await self._publish(keys.channel(room), payload)
 
+    async def forget_load(self, process: str) -> None:  # noqa: B027 - nothing to forget in one process
+        """Leave the fleet's load table (a clean stop)."""
+
     async def _wait_live(self, channel: str) -> None:  # noqa: B027 - in-process brokers are live at once
         """Return once messages published to `channel` from now on will reach this process."""
+
+    async def report_load(self, process: str, load: Load, *, ttl: float) -> list[Load]:
+        """Publish this process's load and return every process's fresh one (its own included).
+
+        A report older than `ttl` seconds is left out (its process died or stalled). In one
+        process (no Redis) the fleet is this process alone.
+        """
+        return [load]
 
     @abstractmethod
     async def append(self, room: str, tail: bytes, sender: bytes) -> bytes:
@@ -470,6 +500,29 @@ class RedisBroker(Broker):
                 break
             end = "(" + batch[-1][0].decode()
         return _entries(rows[::-1])
+
+    async def report_load(self, process: str, load: Load, *, ttl: float) -> list[Load]:
+        await self._call(self._redis.hset(keys.LOAD, process, load.encode()))
+        raw: dict[bytes, bytes] = await self._call(self._redis.hgetall(keys.LOAD))
+        fleet: list[Load] = []
+        stale: list[bytes] = []
+        for name, value in raw.items():
+            try:
+                entry = Load.decode(name.decode(), value)
+            except (ValueError, TypeError, orjson.JSONDecodeError):
+                stale.append(name)
+                continue
+            if load.at - entry.at > ttl:
+                stale.append(name)  # a process that stopped reporting: no longer in the fleet
+            else:
+                fleet.append(entry)
+        if stale:
+            await self._call(self._redis.hdel(keys.LOAD, *stale))
+        return fleet
+
+    async def forget_load(self, process: str) -> None:
+        """Leave the fleet's load table (a clean stop)."""
+        await self._call(self._redis.hdel(keys.LOAD, process))
 
 
 def _entries(rows: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Entry]:

@@ -56,6 +56,22 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(32, ge=1, le=10_000)
     # -- Presence heartbeat; a replica that dies is gone from presence after 3 missed beats.
     presence_heartbeat_seconds: float = Field(3.0, gt=0, le=60)
+    # -- A room's joins and leaves reach its members as at most one diff frame per interval
+    # (0: one frame per change). Without it a wave of N joins costs N*N/2 frames.
+    presence_interval_seconds: float = Field(0.5, ge=0, le=60)
+    # -- Above this many users a room's presence frames carry only the count; the list is at
+    # GET /api/rooms/{room}/presence.
+    presence_max_members: int = Field(100, ge=0, le=1_000_000)
+    # -- Rebalancing (chorus.rebalance): a process holding more than (1 + tolerance) x the fleet's
+    # mean sockets closes the excess with 1012 `rebalance`, at most `rate` per second (0: off),
+    # only once every process has been ready for `settle` seconds.
+    rebalance_tolerance: float = Field(0.1, ge=0, le=10)
+    rebalance_rate: float = Field(20.0, ge=0, le=100_000)
+    rebalance_settle_seconds: float = Field(30.0, ge=0, le=3600)
+    # -- Handshakes doing Redis work at once (upgrade to welcome); beyond it: 503 + Retry-After.
+    # Measured (bench-storm hold): ~150 in flight per replica made joins time out on the 32
+    # Redis slots (1011 broker unavailable); ~75 lost 2 of 20,000.
+    max_pending_handshakes: int = Field(64, ge=1, le=100_000)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "text"
 

@@ -449,6 +449,18 @@ class LocalCluster:
 
         wait_until(ready, timeout, f"{replica.name} to be ready")
 
+    def stop_replica(self, index: int) -> None:
+        """SIGTERM one replica and wait for its drain (a scale-in, or the first half of a restart)."""
+        self.replicas[index].stop()
+
+    def start_replica(self, index: int) -> None:
+        """Start a fresh process for replica `index` and wait until it is ready and proxied."""
+        self.replicas[index] = self._replica_process(index)
+        self.replicas[index].start()
+        self.wait_ready(index)
+        if self.proxy is not None:
+            self.wait_proxy_sees(sum(1 for replica in self.replicas if replica.alive()))
+
     def restart_replica(self, index: int) -> None:
         self.replicas[index].stop()
         self.replicas[index] = self._replica_process(index)

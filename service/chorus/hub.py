@@ -11,7 +11,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Final, TypeVar
 
 import orjson
@@ -20,6 +20,7 @@ from . import metrics
 from .broker import Broker, BrokerUnavailable, Entry, Gap, Subscription
 from .connection import Coalescer, Connection
 from .history import fold
+from .presence_diff import PresenceDiff
 from .protocol import (
     CLOSE_DISCONNECTED,
     CLOSE_INTERNAL_ERROR,
@@ -41,10 +42,13 @@ T = TypeVar("T")
 
 
 class Room:
-    __slots__ = ("last_fanout", "last_id", "members", "name", "ready", "subscription", "task")
+    __slots__ = ("last_fanout", "last_id", "members", "name", "presence", "ready", "subscription", "task")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, presence_interval: float, presence_max_members: int) -> None:
         self.name = name
+        self.presence = PresenceDiff(
+            name, self._deliver_presence, interval=presence_interval, max_members=presence_max_members
+        )
         self.subscription: Subscription | None = None  # set before `ready`
         self.members: set[Connection] = set()
         self.last_id: StreamId = ZERO_ID
@@ -52,17 +56,32 @@ class Room:
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
+    def _deliver_presence(self, frame: str, personal: dict[Hashable, str | None]) -> None:
+        for conn in self.members:
+            own = personal.get(conn, frame) if personal else frame
+            if own is not None:
+                conn.deliver_event(own)
+
 
 class Hub:
     """Rooms with members on this replica, and their one subscription each."""
 
     def __init__(
-        self, broker: Broker, *, join_timeout: float, replay_limit: int, coalesce_seconds: float = 0.0
+        self,
+        broker: Broker,
+        *,
+        join_timeout: float,
+        replay_limit: int,
+        coalesce_seconds: float = 0.0,
+        presence_interval: float = 0.0,
+        presence_max_members: int = 1_000_000,
     ) -> None:
         self.broker = broker
         self.coalescer = Coalescer(coalesce_seconds)
         self.join_timeout = join_timeout
         self.replay_limit = replay_limit
+        self.presence_interval = presence_interval
+        self.presence_max_members = presence_max_members
         self.rooms: dict[str, Room] = {}
         self.connections: set[Connection] = set()
         self._by_tag: dict[bytes, Connection] = {}
@@ -76,7 +95,11 @@ class Hub:
         """
         room = self.rooms.get(conn.room)
         if room is None:
-            room = self.rooms[conn.room] = Room(conn.room)
+            room = self.rooms[conn.room] = Room(
+                conn.room,
+                presence_interval=self.presence_interval,
+                presence_max_members=self.presence_max_members,
+            )
             room.task = asyncio.create_task(self._run_room(room), name=f"room:{conn.room}")
             metrics.ROOMS.inc()
         room.members.add(conn)
@@ -131,6 +154,7 @@ class Hub:
         if not room.members:
             del self.rooms[room.name]
             metrics.ROOMS.dec()
+            room.presence.cancel()
             if room.task is not None:
                 room.task.cancel()
 
@@ -138,6 +162,8 @@ class Hub:
         tasks = [room.task for room in self.rooms.values() if room.task is not None]
         for task in tasks:
             task.cancel()
+        for room in self.rooms.values():
+            room.presence.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.rooms.clear()
 
@@ -254,18 +280,14 @@ class Hub:
         metrics.FANOUT_LATENCY.observe(max(0.0, time.time() - msg.ts))
 
     def _fanout_event(self, room: Room, payload: bytes) -> bool:
-        """Deliver a presence payload to every member but its sender; False when it is not one."""
+        """Fold a presence payload into the room's next diff frame; False when it is not one."""
         try:
             event = decode_event(payload)
         except (UnicodeDecodeError, TypeError, AttributeError):
             return False
         if event is None:
             return False
-        sender = self._by_tag.get(event[0])
-        for conn in room.members:
-            if conn is not sender:
-                conn.deliver_event(event[1])
-        return True
+        return room.presence.add(event[1], self._by_tag.get(event[0]))
 
     async def _backfill(self, room: Room) -> None:
         entries = await self._retry(

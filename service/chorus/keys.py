@@ -96,6 +96,7 @@ def presence_rooms(owner: str) -> str:
     return _key("presence-rooms", owner)
 
 
+LOAD: Final = f"{PREFIX}:load"  # hash: process -> its socket count and readiness (chorus.rebalance)
 PRESENCE_REPLICAS: Final = f"{PREFIX}:presence:replicas"  # set of processes with presence entries
 
 

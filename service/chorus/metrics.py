@@ -61,6 +61,9 @@ BROKER_PROBE_LATENCY = Histogram(
     "Round trip of the readiness self-probe through Redis pub/sub.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+REBALANCE_CLOSES = Counter(
+    "chorus_rebalance_closes", "Sockets closed with 1012 `rebalance` to move them to a less loaded replica."
+)
 RESYNCS = Counter("chorus_resyncs", "Resync frames sent because history could not fill a gap.")
 SEND_QUEUE_DEPTH = Gauge(
     "chorus_send_queue_depth",

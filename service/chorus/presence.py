@@ -198,6 +198,10 @@ class RedisPresence(Presence):
         self._leave = commands.register_script(LEAVE)
         self._reap = commands.register_script(REAP)
         self._local: dict[str, Member] = {}
+        # This process's members per room: a room stays in `presence_rooms(owner)` exactly while
+        # it has one, so the set does not grow with every room ever held and reaping walks
+        # only rooms that had members.
+        self._rooms: Counter[str] = Counter()
         self._unremoved: dict[str, Member] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -225,18 +229,35 @@ class RedisPresence(Presence):
         return await self._call(script(keys=room_keys, args=args))
 
     async def join(self, member: Member) -> int:
+        if member.entry not in self._local:
+            self._rooms[member.room] += 1
         self._local[member.entry] = member
+        # The room must be in the owner's set before its entry exists (reaping finds it there).
         await self._call(self._redis.sadd(keys.presence_rooms(self.owner), member.room))
         online: int = await self._run_script(self._join, member, member.entry)
         return online
 
     async def leave(self, member: Member) -> None:
-        self._local.pop(member.entry, None)
+        if self._local.pop(member.entry, None) is not None:
+            self._rooms[member.room] -= 1
         try:
             await self._run_script(self._leave, member, "-")
+            await self._forget_room(member.room)
         except BrokerUnavailable as exc:
             log.warning("presence: removing %s from %s failed (%s); retrying", member.user, member.room, exc)
             self._unremoved[member.entry] = member
+
+    async def _forget_room(self, room: str) -> None:
+        """Drop `room` from this owner's set once its last local member has left."""
+        if self._rooms[room] > 0:
+            return
+        del self._rooms[room]
+        await self._call(self._redis.srem(keys.presence_rooms(self.owner), room))
+        if self._rooms[room] > 0:
+            # A join came in while the SREM was in flight: its SADD may have landed first.
+            await self._call(self._redis.sadd(keys.presence_rooms(self.owner), room))
+        else:
+            del self._rooms[room]
 
     async def users(self, room: str) -> list[str]:
         users: list[bytes] = await self._call(self._redis.hkeys(keys.online(room)))
@@ -279,6 +300,7 @@ class RedisPresence(Presence):
         for entry, member in list(self._unremoved.items()):
             await self._run_script(self._leave, member, "-")
             del self._unremoved[entry]
+            await self._forget_room(member.room)
 
     async def _reap_dead(self) -> None:
         owners = {o.decode() for o in await self._call(self._redis.smembers(keys.PRESENCE_REPLICAS))}

@@ -120,6 +120,7 @@ REJECT_HOST: Final = "host"  # Host header not in CHORUS_ALLOWED_HOSTS
 REJECT_DRAINING: Final = "draining"
 REJECT_MAX_CONNECTIONS: Final = "max_connections"
 REJECT_MAX_CONNECTIONS_PER_USER: Final = "max_connections_per_user"
+REJECT_TOO_MANY_HANDSHAKES: Final = "too_many_handshakes"  # CHORUS_MAX_PENDING_HANDSHAKES
 REJECT_BINARY: Final = "binary"
 REJECT_FLOOD: Final = "flood"
 REJECT_INVALID_UTF8: Final = "invalid_utf8"
@@ -270,6 +271,19 @@ def welcome_frame(room: str, user: str, replica: str, online: int) -> str:
 def presence_frame(room: str, event: str, user: str, online: int) -> str:
     """A join or leave announcement (presence.py's Lua builds the same bytes)."""
     body = {"type": "presence", "room": room, "event": event, "user": user, "online": online}
+    return orjson.dumps(body).decode()
+
+
+def presence_diff_frame(room: str, joins: list[str], leaves: list[str], online: int) -> str:
+    """What members receive: a room's presence changes over one interval, at most one frame.
+
+    A room above CHORUS_PRESENCE_MAX_MEMBERS gets only its count (no `joins`/`leaves`).
+    """
+    body: dict[str, object] = {"type": "presence", "room": room}
+    if joins or leaves:
+        body["joins"] = joins
+        body["leaves"] = leaves
+    body["online"] = online
     return orjson.dumps(body).decode()
 
 

@@ -40,6 +40,7 @@ class Runtime:
     tag_prefix: bytes
     # Sockets accepted or being accepted on this replica (the CHORUS_MAX_CONNECTIONS count).
     sockets: int = 0
+    handshakes: int = 0  # sockets between the upgrade and the welcome (doing Redis work)
     _tags: itertools.count[int] = field(default_factory=itertools.count)
     _drained: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import secrets
 import time
 from typing import Final
@@ -42,6 +43,7 @@ from .protocol import (
     REJECT_INVALID_UTF8,
     REJECT_MAX_CONNECTIONS,
     REJECT_MAX_CONNECTIONS_PER_USER,
+    REJECT_TOO_MANY_HANDSHAKES,
     ROOM_RULE,
     TYPE_DELETE,
     TYPE_EDIT,
@@ -81,6 +83,14 @@ log = logging.getLogger("chorus.session")
 
 WS_PREFIX: Final = "/ws/"
 PEER_CLOSE_WAIT_SECONDS: Final = 1.0
+# A refused handshake is told to come back after 1 to 5 s, drawn per refusal: a wave shed at
+# once returns spread over four seconds instead of as the same wave one second later.
+RETRY_AFTER_SECONDS: Final = (1, 5)
+
+
+def retry_after() -> str:
+    """A jittered `Retry-After` value (whole seconds, as RFC 9110 has it)."""
+    return str(random.randint(*RETRY_AFTER_SECONDS))
 
 
 class ChatSockets:
@@ -112,10 +122,15 @@ async def serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> Non
         # The handshake's contract since the first release: any token problem is 403 (a
         # WebSocket client has no credential challenge to answer); the HTTP reads say 401.
         status = 403 if rejection.status == 401 else rejection.status
-        await websocket.send_denial_response(JSONResponse({"detail": rejection.detail}, status_code=status))
+        headers = {"Retry-After": retry_after()} if status == 503 else None
+        response = JSONResponse({"detail": rejection.detail}, status_code=status, headers=headers)
+        await websocket.send_denial_response(response)
         return
     tag = runtime.next_tag()
     runtime.sockets += 1
+    # From here to the welcome the socket does Redis work (lease, subscription, presence): it
+    # counts against CHORUS_MAX_PENDING_HANDSHAKES until `_session` ends the handshake (or we do).
+    handshake = _Handshake(runtime)
     try:
         # Counted per user_key: `Dave` and `dave` share the cap.
         if not await runtime.limiter.acquire(user_key(identity.user), tag.decode()):
@@ -125,11 +140,27 @@ async def serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> Non
             await websocket.send_denial_response(JSONResponse({"detail": detail}, status_code=429))
             return
         try:
-            await _session(websocket, room, runtime, identity, subprotocol, history, tag)
+            await _session(websocket, room, runtime, identity, subprotocol, history, tag, handshake)
         finally:
             await runtime.limiter.release(user_key(identity.user), tag.decode())
     finally:
+        handshake.end()
         runtime.sockets -= 1
+
+
+class _Handshake:
+    """Counts one socket in `Runtime.handshakes` until `end()` (idempotent)."""
+
+    __slots__ = ("_runtime",)
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime: Runtime | None = runtime
+        runtime.handshakes += 1
+
+    def end(self) -> None:
+        if self._runtime is not None:
+            self._runtime.handshakes -= 1
+            self._runtime = None
 
 
 def _admit(websocket: WebSocket, room: str, runtime: Runtime) -> tuple[Identity, str | None, int]:
@@ -157,6 +188,10 @@ def _admit(websocket: WebSocket, room: str, runtime: Runtime) -> tuple[Identity,
         raise Rejection(503, REJECT_DRAINING, "this replica is draining; reconnect")
     if settings.max_connections and runtime.sockets >= settings.max_connections:
         raise Rejection(503, REJECT_MAX_CONNECTIONS, "this replica is full; reconnect")
+    if runtime.handshakes >= settings.max_pending_handshakes:
+        # Shed a reconnect wave here, before any Redis work; readiness is not touched, so the
+        # wave does not also take the replica out of the Service.
+        raise Rejection(503, REJECT_TOO_MANY_HANDSHAKES, "this replica is busy admitting others; retry later")
     return identity, subprotocol, history
 
 
@@ -168,6 +203,7 @@ async def _session(
     subprotocol: str | None,
     history: int,
     tag: bytes,
+    handshake: _Handshake,
 ) -> None:
     settings = runtime.settings
     params = websocket.query_params
@@ -196,12 +232,15 @@ async def _session(
         try:
             await hub.join(conn)
             online = await runtime.presence.join(member)
+            handshake.end()  # before the welcome is written: a client that waits for it never overlaps
             conn.offer(welcome_frame(room, user, settings.replica_name, online), force=True)
             await hub.replay(conn, since=since, resume=resume, history=history)
             await _record_join(runtime, user, room)
         except BrokerUnavailable as exc:
             log.warning("cannot join %s: %s", room, exc)
             conn.close(CLOSE_INTERNAL_ERROR, "broker unavailable")
+        finally:
+            handshake.end()
         while not conn.closing:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":

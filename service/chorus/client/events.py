@@ -66,13 +66,22 @@ class Ack(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Presence(Event):
-    """A user's first connection joined (`event="join"`) or last one left (`"leave"`)."""
+    """Who joined and left a room since the last one (`joins`, `leaves`), and how many are online.
+
+    The server batches a room's changes into at most one frame per interval; a room above its
+    member threshold sends only `online` (`joins` and `leaves` empty, `counts_only` True).
+    Older servers sent one change per frame (`event` "join"/"leave" and `user`): it is read
+    into the same fields.
+    """
 
     type: str = "presence"
     room: str
-    event: str
-    user: str
     online: int
+    joins: tuple[str, ...] = ()
+    leaves: tuple[str, ...] = ()
+    counts_only: bool = False
+    event: str | None = None  # the older one-change frame only
+    user: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -215,9 +224,21 @@ def _ack(f: Mapping[str, Any]) -> Event:
 
 
 def _presence(f: Mapping[str, Any]) -> Event:
-    return Presence(
-        room=_s(f, "room"), event=_s(f, "event"), user=_s(f, "user"), online=_i(f, "online"), raw=f
-    )
+    room, online = _s(f, "room"), _i(f, "online")
+    if "event" in f:
+        event, user = _s(f, "event"), _s(f, "user")
+        joins, leaves = ((user,), ()) if event == "join" else ((), (user,))
+        return Presence(room=room, online=online, joins=joins, leaves=leaves, event=event, user=user, raw=f)
+    if "joins" not in f and "leaves" not in f:
+        return Presence(room=room, online=online, counts_only=True, raw=f)
+    return Presence(room=room, online=online, joins=_names(f, "joins"), leaves=_names(f, "leaves"), raw=f)
+
+
+def _names(frame: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = frame.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise TypeError(key)
+    return tuple(value)
 
 
 def _resync(f: Mapping[str, Any]) -> Event:

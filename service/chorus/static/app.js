@@ -422,9 +422,20 @@
         if (frame.room === chat.room) chat.sentRead = frame.id;
         break;
       case "presence":
-        if (frame.event === "join") chat.users.add(frame.user);
-        else chat.users.delete(frame.user);
+        // One diff per room per interval; a big room sends only its count (the list is then
+        // stale, so it is fetched again once the room is small enough to send names).
         ui.count.textContent = String(frame.online);
+        if (!frame.joins && !frame.leaves) {
+          chat.usersStale = true;
+          break;
+        }
+        if (chat.usersStale) {
+          chat.usersStale = false;
+          loadPresence(generation);
+          break;
+        }
+        (frame.joins || []).forEach((user) => chat.users.add(user));
+        (frame.leaves || []).forEach((user) => chat.users.delete(user));
         renderUsers();
         break;
       case "resync":
