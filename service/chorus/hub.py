@@ -280,14 +280,21 @@ class Hub:
         metrics.FANOUT_LATENCY.observe(max(0.0, time.time() - msg.ts))
 
     def _fanout_event(self, room: Room, payload: bytes) -> bool:
-        """Fold a presence payload into the room's next diff frame; False when it is not one."""
+        """Fold a presence payload into the room's next diff frame, or deliver an ephemeral one
+        (typing) to every member but its sender; False when the payload is neither."""
         try:
             event = decode_event(payload)
         except (UnicodeDecodeError, TypeError, AttributeError):
             return False
         if event is None:
             return False
-        return room.presence.add(event[1], self._by_tag.get(event[0]))
+        sender = self._by_tag.get(event[0])
+        if room.presence.add(event[1], sender):
+            return True
+        for conn in room.members:
+            if conn is not sender:
+                conn.deliver_event(event[1])
+        return True
 
     async def _backfill(self, room: Room) -> None:
         entries = await self._retry(
