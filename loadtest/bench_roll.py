@@ -189,6 +189,10 @@ class Fleet:
         while time.monotonic() < deadline:
             if self.progress and all(p.get("joined") for p in self.progress):
                 return
+            if any(proc.returncode is not None for proc in self.generators):
+                # Fail now: waiting out the timeout invites an outer `timeout` to SIGTERM this
+                # process, and the cluster's `with` never gets to stop its replicas.
+                raise RuntimeError("a generator process exited before its sockets joined")
             await asyncio.sleep(0.5)
         raise TimeoutError("the generators did not finish joining")
 
