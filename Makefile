@@ -45,6 +45,7 @@ lint: test-deps ## ruff (check and format) on service, tests and loadtest; mypy 
 ##@ Benchmark
 
 BENCH_ARGS ?=
+ROLL_ARGS ?=
 
 .PHONY: bench
 bench: system-deps test-deps ## Chorus vs the naive design and Node.js Socket.IO, side by side: table, JSON, plot in loadtest/results/
@@ -55,8 +56,9 @@ bench-cluster: system-deps test-deps ## Chorus on Redis Cluster, 1 shard vs 3 (a
 	$(BIN)/python -m loadtest.bench_cluster --out loadtest/results $(BENCH_ARGS)
 
 .PHONY: bench-storm
-bench-storm: system-deps test-deps ## Join waves (issue 12): 2,000 joins into one room and into separate rooms, Redis commands per join, in loadtest/results/
+bench-storm: system-deps test-deps ## Storms (issue 12): join waves, Redis commands per join, then a rolling restart and a crash of 3 replicas under 8,800 sockets and a live room (JSON + PNG in loadtest/results/)
 	ulimit -n $$(ulimit -Hn) && $(BIN)/python -m loadtest.bench_storm --out loadtest/results $(BENCH_ARGS)
+	ulimit -n $$(ulimit -Hn) && $(BIN)/python -m loadtest.bench_roll --out loadtest/results $(ROLL_ARGS)
 
 ##@ Load test
 

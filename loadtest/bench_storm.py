@@ -9,17 +9,20 @@
 3. Redis commands per join, from INFO commandstats around a wave of 200 joins.
 
 Sockets come from 127.0.0.2.. (a source address per 20,000 sockets) so ephemeral ports do
-not cap them. Not yet here (issue 12 items 3 and 4): hold, rolling restart, crash and
-scale-out at full scale; tests/test_storm.py runs those at small scale.
+not cap them. `--hold` holds idle sockets on 2 replicas while a live room publishes;
+`--scale-out` runs 2 -> 3 replicas. The rolling restart and the crash are in bench_roll.py;
+tests/test_storm.py runs all of them at small scale.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
+import statistics
 import sys
 import time
 from contextlib import AsyncExitStack
@@ -30,7 +33,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from chorus.client import Reconnect, Room
+from chorus.client import ChorusError, Message, Reconnect, Room
 from chorus.client import connect as chorus_connect
 from chorus.devcluster import LocalCluster, wait_until
 
@@ -187,6 +190,54 @@ async def generator(urls: list[str], count: int, source: str, hold: float, concu
     await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
 
 
+async def live_room(url: str, members: int, rate: float, seconds: float) -> dict[str, Any]:
+    """A room publishing `rate` messages/s for `seconds` to `members` resuming members.
+
+    Delivery latency from the send wall time carried in the text (same host clock), and how
+    many acked messages a member missed or saw twice.
+    """
+    policy = Reconnect(base=0.5, cap=5.0)
+    seen: list[list[tuple[str, float]]] = [[] for _ in range(members)]
+    sent: list[str] = []
+
+    async def collect(index: int, room: Room) -> None:
+        async for event in room:
+            if isinstance(event, Message):
+                seen[index].append((event.id, time.time() - float(event.text.split()[1])))
+
+    async with AsyncExitStack() as stack:
+        rooms = [
+            await stack.enter_async_context(
+                chorus_connect(url, "live", username=f"live-{i}", history=0, reconnect=policy)
+            )
+            for i in range(members)
+        ]
+        readers = [asyncio.create_task(collect(i, room)) for i, room in enumerate(rooms)]
+        sender = await stack.enter_async_context(
+            chorus_connect(url, "live", username="publisher", history=0, reconnect=policy, receive=False)
+        )
+        next_at = time.monotonic()
+        for n in range(int(rate * seconds)):
+            with contextlib.suppress(ChorusError, TimeoutError):
+                sent.append((await sender.send(f"m{n} {time.time():.6f}")).id)
+            next_at += 1 / rate
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        await asyncio.sleep(2)  # the last deliveries
+        for task in readers:
+            task.cancel()
+    latencies = sorted(lat for got in seen for _, lat in got)
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
+    return {
+        "members": members,
+        "rate_per_s": rate,
+        "acked": len(sent),
+        "p50_ms": round(q[49] * 1000, 1),
+        "p99_ms": round(q[98] * 1000, 1),
+        "lost": sum(len(set(sent) - {mid for mid, _ in got}) for got in seen),
+        "duplicated": sum(len(got) - len({mid for mid, _ in got}) for got in seen),
+    }
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -203,7 +254,7 @@ async def hold(count: int, idle: float, concurrency: int) -> dict[str, Any]:
         for j, start in enumerate(range(0, count, per_process)):
             n = min(per_process, count - start)
             argv = [sys.executable, "-m", "loadtest.bench_storm", "--generator", str(n), "--source",
-                    f"127.0.0.{2 + j}", "--hold-seconds", str(idle + 60), "--concurrency",
+                    f"127.0.0.{2 + j}", "--hold-seconds", str(2 * idle + 90), "--concurrency",
                     str(concurrency // 2 or 1), *[a for u in urls for a in ("--url", u)]]  # fmt: skip
             procs.append(await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE))
         opened = [json.loads(await asyncio.wait_for(p.stdout.readline(), 600)) for p in procs if p.stdout]
@@ -213,6 +264,9 @@ async def hold(count: int, idle: float, concurrency: int) -> dict[str, Any]:
         cpu_before = [_cpu_seconds(r.pid) for r in cluster.replicas]
         await asyncio.sleep(idle)
         cpu_after = [_cpu_seconds(r.pid) for r in cluster.replicas]
+        # Then a live room over the held sockets (HAProxy round robin spreads its members over
+        # both replicas): its delivery latency and integrity while 20,000 sockets sit there.
+        live = await live_room(cluster.ws_url, 50, 10.0, idle)
         for p in procs:
             p.terminate()
             await p.wait()
@@ -225,6 +279,7 @@ async def hold(count: int, idle: float, concurrency: int) -> dict[str, Any]:
         "handshakes_per_s_per_replica": round(per_replica / max(o["seconds"] for o in opened), 1),
         "rss_kib": {"before": rss_before, "after": rss_after},
         "rss_kib_per_socket": round((sum(rss_after) - sum(rss_before)) / held, 1) if held else None,
+        "live_room": live,
         "idle_window_s": idle,
         "idle_cpu_s": cpu,
         "idle_cpu_percent_per_1000": round(100 * sum(cpu) / idle / (held / 1000), 3) if held else None,
