@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 import httpx
 import pytest
 import uvicorn
+from prometheus_client import REGISTRY
 
 from chorus import create_app
 from chorus.config import Settings
-from chorus.connection import Connection
+from chorus.connection import Coalescer, Connection
 from chorus.devcluster import free_port
 from chorus.protocol import CLOSE_TRY_AGAIN_LATER, StreamId
 from chorus.server import UVICORN_OPTIONS, server_options
+from chorus.sockets import FrameWriter
 from tests.chat import Chat, poll
 
 pytestmark = pytest.mark.anyio
@@ -60,6 +62,82 @@ async def test_live_copies_of_what_the_replay_sent_are_dropped_in_order() -> Non
     conn.go_live(StreamId((1, 0)))  # the replay ended at 1-0
     await asyncio.sleep(0.05)
     assert socket.sent == ["replayed-1", "live-2"]
+
+
+class Wire(FrameWriter):
+    """A socket that is always writable and records each write as the frames it carried."""
+
+    __slots__ = ("writes",)
+
+    def __init__(self) -> None:  # no uvicorn protocol behind it
+        self.writes: list[list[str]] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, frames: Iterable[str]) -> None:
+        self.writes.append(list(frames))
+
+
+def wired(limit: int = 16) -> tuple[Connection, Wire]:
+    conn = connection(Socket(), limit=limit)
+    wire = Wire()
+    conn.writer = wire
+    conn.go_live(None)
+    return conn, wire
+
+
+def coalesced() -> float:
+    return REGISTRY.get_sample_value("chorus_writes_coalesced_total") or 0.0
+
+
+async def test_a_lone_fanout_frame_is_written_on_the_next_loop_pass_not_after_a_window() -> None:
+    coalescer = Coalescer()  # CHORUS_COALESCE_SECONDS=0, the default
+    conn, wire = wired()
+    assert conn.deliver(StreamId((1, 0)), "m1", coalescer.add)
+    await asyncio.sleep(0)  # one pass of the loop: the flush scheduled with call_soon has run
+    assert wire.writes == [["m1"]]
+
+
+async def test_fanouts_of_one_loop_turn_share_one_write_per_member_in_order() -> None:
+    coalescer = Coalescer()
+    (a, wire_a), (b, wire_b) = wired(), wired()
+    before = coalesced()
+    for i in range(3):  # as a room task fans out what one pub/sub read brought, without yielding
+        for conn in (a, b):
+            conn.deliver(StreamId((1, i)), f"m{i}", coalescer.add)
+    a.offer("ack")  # a frame outside the fan-out stays behind the held ones
+    await asyncio.sleep(0)
+    assert wire_a.writes == [["m0", "m1", "m2", "ack"]]
+    assert wire_b.writes == [["m0", "m1", "m2"]]
+    assert coalesced() - before == 3 + 2, "each frame after a member's first saved a write"
+    b.deliver(StreamId((2, 0)), "next", coalescer.add)  # a later turn: a write of its own
+    await asyncio.sleep(0)
+    assert wire_b.writes[1:] == [["next"]]
+
+
+async def test_frames_held_for_the_flush_count_against_the_slow_consumer_bound() -> None:
+    coalescer = Coalescer()
+    conn, wire = wired(limit=3)
+    assert all(conn.deliver(StreamId((1, i)), f"m{i}", coalescer.add) for i in range(3))
+    assert conn.deliver(StreamId((1, 3)), "one too many", coalescer.add) is False
+    await conn.wait_closed()
+    await asyncio.sleep(0)
+    assert wire.writes == [] and conn.closed_with == CLOSE_TRY_AGAIN_LATER and conn.depth == 0
+
+
+async def test_a_coalescing_window_holds_a_busy_rooms_frames_for_its_timer() -> None:
+    coalescer = Coalescer(0.5)
+    conn, wire = wired()
+    conn.deliver(StreamId((1, 0)), "quiet", coalescer.hold(gap=1.0))  # a quiet room: this turn
+    await asyncio.sleep(0)
+    assert wire.writes == [["quiet"]]
+    for i in range(3):  # fan-outs 1 ms apart: held for the window's timer, not the turn
+        conn.deliver(StreamId((2, i)), f"busy{i}", coalescer.hold(gap=0.001))
+    await asyncio.sleep(0)
+    assert wire.writes == [["quiet"]]
+    await poll(lambda: len(wire.writes) == 2, 5, "the window's flush")
+    assert wire.writes[1] == ["busy0", "busy1", "busy2"]
 
 
 def unit_settings() -> Settings:

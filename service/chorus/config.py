@@ -40,8 +40,9 @@ class Settings(BaseSettings):
     replica_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
     history_size: int = Field(1000, ge=1, le=1_000_000)
     send_queue_size: int = Field(256, ge=1, le=100_000)
-    # -- A room's fan-outs closer together than this share one write per member (0: off).
-    coalesce_seconds: float = Field(0.01, ge=0, le=0.1)
+    # -- A member's fan-out frames of one event-loop turn always share one write. Above 0, a
+    # room's fan-outs closer together than this also share one, for up to this much latency.
+    coalesce_seconds: float = Field(0.0, ge=0, le=0.1)
     max_message_bytes: int = Field(4096, ge=1, le=1_048_576)
     # -- Hard cap on one WebSocket frame; a bigger frame closes the socket with 1009.
     max_frame_bytes: int = Field(65536, ge=1024, le=16_777_216)

@@ -1,8 +1,8 @@
 """A member's send side: frames straight to the socket, else a bounded queue and a sender.
 
 A member whose queue is full is closed with 1013 at once and its queue freed, so one slow
-reader cannot grow memory or delay anyone else. While fan-outs come closer together than
-`CHORUS_COALESCE_SECONDS`, a member's frames of one window go out in one write (`Coalescer`).
+reader cannot grow memory or delay anyone else. A member's fan-out frames of one event-loop
+turn go out in one write (`Coalescer`), or of one `CHORUS_COALESCE_SECONDS` window when set.
 """
 
 from __future__ import annotations
@@ -20,45 +20,66 @@ from .sockets import FrameWriter
 log = logging.getLogger("chorus.connection")
 
 CLOSE_TIMEOUT: Final = 5.0
+# Takes a member whose frames are held, to flush them later (`Coalescer.hold`).
+Hold = Callable[["Connection"], None]
 
 
 class Coalescer:
-    """One per process: a busy room's members get the frames of one window in one write.
+    """One per process: a member's fan-out frames of one event-loop turn go out in one write.
 
-    A room's fan-out that comes at least `window` after that room's previous one writes at
-    once: a quiet room, however many there are, pays no latency. One that comes sooner is
-    held until the next flush, at most `window` away; then each member that held frames
-    writes them all in one system call. That call, one per member per message, is most of a
-    fan-out's cost.
+    The first frame a member gets in a turn is held, and one flush per turn is scheduled with
+    `loop.call_soon`: it runs after every callback already ready, so after the room tasks the
+    pub/sub reader woke with the same read (under load one read carries many messages, and a
+    room task fans out all it has queued without yielding). A lone message waits for no timer:
+    the flush is the next thing the loop does. The write per member per fan-out is most of a
+    fan-out's cost; a busy loop has longer turns, so batching grows with the load by itself.
+
+    With `window` > 0 (`CHORUS_COALESCE_SECONDS`), a room's fan-out that comes within `window`
+    of the room's previous one is held for a timer instead, at most `window` away: fewer writes
+    for that much latency, for operators who prefer CPU. A quiet room still flushes per turn.
     """
 
-    __slots__ = ("_handle", "_held", "window")
+    __slots__ = ("_held", "_timed", "_timer", "_turn", "window")
 
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float = 0.0) -> None:
         self.window = window
-        self._held: list[Connection] = []
-        self._handle: asyncio.TimerHandle | None = None
+        self._held: list[Connection] = []  # flushed at the end of this turn
+        self._turn: asyncio.Handle | None = None
+        self._timed: list[Connection] = []  # flushed when the window's timer fires
+        self._timer: asyncio.TimerHandle | None = None
 
-    def hold(self, gap: float) -> Coalescer | None:
-        """Called once per fan-out with the seconds since the room's previous one: self when
-        its frames must wait for the flush, else None."""
-        if gap >= self.window:  # also when the window is 0: off
-            return None
-        if self._handle is None:
-            self._handle = asyncio.get_running_loop().call_later(self.window, self.flush)
-        return self
+    def hold(self, gap: float) -> Hold:
+        """Called once per fan-out with the seconds since the room's previous one: what holds
+        the members' frames (pass it to `Connection.deliver`)."""
+        if gap < self.window:
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(self.window, self._flush_timed)
+            return self._timed.append
+        return self.add
 
     def add(self, conn: Connection) -> None:
+        """Hold `conn`'s frames until the end of this turn."""
         self._held.append(conn)
+        if self._turn is None:
+            self._turn = asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
-        self._handle = None
+        self._turn = None
         held, self._held = self._held, []
-        saved = 0
-        for conn in held:
-            saved += conn.flush_held()
-        if saved:
-            metrics.WRITES_COALESCED.inc(saved)
+        _flush(held)
+
+    def _flush_timed(self) -> None:
+        self._timer = None
+        held, self._timed = self._timed, []
+        _flush(held)
+
+
+def _flush(held: list[Connection]) -> None:
+    saved = 0
+    for conn in held:
+        saved += conn.flush_held()
+    if saved:
+        metrics.WRITES_COALESCED.inc(saved)
 
 
 class Connection:
@@ -125,10 +146,11 @@ class Connection:
         if sender is None or sender.done():
             self._sender = asyncio.create_task(self._run_sender())
 
-    def offer(self, frame: str, *, force: bool = False, coalescer: Coalescer | None = None) -> bool:
+    def offer(self, frame: str, *, force: bool = False, hold: Hold | None = None) -> bool:
         """Queue a frame; on overflow close the socket with 1013 and free the queue.
 
-        With `coalescer`, a frame that could be written now waits for its flush instead.
+        With `hold` (from the `Coalescer`), a frame that could be written now is held for its
+        flush instead.
         """
         if self.closing:
             return False
@@ -143,9 +165,9 @@ class Connection:
             return self._overflow(len(queue))
         writer = self.writer
         if not queue and writer is not None and writer.writable():
-            if coalescer is not None and self.close_code is None:
+            if hold is not None and self.close_code is None:
                 self.held = [frame]
-                coalescer.add(self)
+                hold(self)
                 return True
             # Nothing queued ahead and the socket takes it now: write it from here, which
             # saves waking the sender task once per delivery (the fan-out's biggest cost).
@@ -170,7 +192,7 @@ class Connection:
         return True
 
     def flush_held(self) -> int:
-        """The coalescer's window ended: write the held frames in one go, or queue them.
+        """The coalescer's flush: write the held frames in one go, or queue them.
 
         Returns the writes saved: the frames that shared the write with the first one.
         """
@@ -184,7 +206,7 @@ class Connection:
         self._kick()
         return 0
 
-    def deliver(self, msg_id: StreamId, frame: str, coalescer: Coalescer | None = None) -> bool:
+    def deliver(self, msg_id: StreamId, frame: str, hold: Hold | None = None) -> bool:
         pending = self.pending
         if pending is not None:
             if len(pending) >= self.limit:
@@ -197,7 +219,7 @@ class Connection:
             if msg_id <= floor:
                 return False
             self.floor = None
-        return self.offer(frame, coalescer=coalescer)
+        return self.offer(frame, hold=hold)
 
     def deliver_event(self, frame: str) -> bool:
         """Queue a frame outside the message stream (presence), after the replay like live ones."""

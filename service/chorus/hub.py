@@ -18,7 +18,7 @@ import orjson
 
 from . import metrics
 from .broker import Broker, BrokerUnavailable, Entry, Gap, Subscription
-from .connection import Coalescer, Connection
+from .connection import Coalescer, Connection, Hold
 from .history import fold
 from .presence_diff import PresenceDiff
 from .protocol import (
@@ -78,6 +78,7 @@ class Hub:
     ) -> None:
         self.broker = broker
         self.coalescer = Coalescer(coalesce_seconds)
+        self._hold_turn: Hold = self.coalescer.add
         self.join_timeout = join_timeout
         self.replay_limit = replay_limit
         self.presence_interval = presence_interval
@@ -269,12 +270,14 @@ class Hub:
         sender = self._by_tag.get(msg.sender)
         frame = msg.frame
         msg_id = msg.id
-        now = time.monotonic()
-        coalescer = self.coalescer.hold(now - room.last_fanout)
-        room.last_fanout = now
+        hold: Hold = self._hold_turn
+        if self.coalescer.window:
+            now = time.monotonic()
+            hold = self.coalescer.hold(now - room.last_fanout)
+            room.last_fanout = now
         delivered = 0
         for conn in room.members:
-            if conn is not sender and conn.deliver(msg_id, frame, coalescer):
+            if conn is not sender and conn.deliver(msg_id, frame, hold):
                 delivered += 1
         metrics.MESSAGES_DELIVERED.inc(delivered)
         metrics.FANOUT_LATENCY.observe(max(0.0, time.time() - msg.ts))
