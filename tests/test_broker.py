@@ -7,13 +7,23 @@ Each test says which promise of `chorus.broker` broke: ids and order, live deliv
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 
 import orjson
 import pytest
 
 from chorus import keys
-from chorus.broker import Broker, Change, Gap, MemoryBroker, Message, RedisBroker, Subscription
+from chorus.broker import (
+    Broker,
+    BrokerUnavailable,
+    Change,
+    Gap,
+    MemoryBroker,
+    Message,
+    RedisBroker,
+    Subscription,
+)
 from chorus.config import Settings
 from chorus.devcluster import RedisServer
 from chorus.protocol import TYPE_DELETE, ZERO_ID, StreamId, change_tail, decode_published
@@ -151,5 +161,57 @@ async def test_the_command_client_is_public_only_with_redis(redis: RedisServer) 
     try:
         assert broker.commands is not None
         assert await broker.commands.call(broker.commands.client.ping()) is True
+    finally:
+        await broker.stop()
+
+
+def reads_processed(redis: RedisServer) -> int:
+    """Reads Redis has done on client sockets (INFO stats): one per batch of commands it received."""
+    for line in redis.cli("INFO", "stats").splitlines():
+        if line.startswith("total_reads_processed:"):
+            return int(line.split(":")[1])
+    raise AssertionError("INFO stats has no total_reads_processed")
+
+
+async def test_appends_of_one_loop_turn_share_a_write_keep_their_order_and_ids(redis: RedisServer) -> None:
+    broker = RedisBroker(Settings(redis_url=redis.url, history_size=1000))
+    await broker.start()
+    try:
+        first = await broker.append("r", TAIL, b"s.0")  # the pipelined connection is made
+        tails = [b'{"ts":1.5,"room":"r","user":"u","text":"m%d"}' % i for i in range(50)]
+        before = reads_processed(redis)
+        ids = await asyncio.gather(*(broker.append("r", tail, b"s.%d" % i) for i, tail in enumerate(tails)))
+        reads = reads_processed(redis) - before
+        assert reads < 10, f"50 appends of one turn took {reads} reads: not pipelined"
+        parsed = [StreamId.parse(msg_id) for msg_id in ids]
+        assert sorted(parsed) == parsed and len(set(ids)) == 50, (
+            "the appends ran out of the order they were made"
+        )
+        entries = await broker.read_after("r", StreamId.parse(first), 100)
+        assert entries is not None
+        assert [(e.raw_id, e.tail, e.sender) for e in entries] == [
+            (msg_id, tail, b"s.%d" % i) for i, (msg_id, tail) in enumerate(zip(ids, tails, strict=True))
+        ], "an append was answered with another one's id"
+    finally:
+        await broker.stop()
+
+
+async def test_redis_dying_mid_pipeline_fails_every_call_in_it_then_the_next_reconnects(
+    redis: RedisServer,
+) -> None:
+    broker = RedisBroker(Settings(redis_url=redis.url, broker_timeout_seconds=10))
+    await broker.start()
+    try:
+        await broker.append("r", TAIL, b"s.0")
+        assert redis.process is not None
+        redis.process.signal(signal.SIGSTOP)  # the appends below are written and not answered
+        calls = [asyncio.ensure_future(broker.append("r", TAIL, b"s.%d" % i)) for i in range(20)]
+        for _ in range(3):  # the calls start, then their turn's write goes out
+            await asyncio.sleep(0)
+        redis.kill()
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+        assert all(isinstance(result, BrokerUnavailable) for result in results), results
+        redis.start()
+        assert StreamId.parse(await broker.append("r", TAIL, b"s.1")) > ZERO_ID
     finally:
         await broker.stop()

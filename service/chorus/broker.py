@@ -43,6 +43,7 @@ from . import keys
 from .backend import RedisPubSubBackend
 from .config import Settings
 from .history import fold
+from .pipeline import ScriptPipeline
 from .protocol import (
     ERROR_FORBIDDEN,
     ERROR_NOT_FOUND,
@@ -112,7 +113,13 @@ class RedisCommands:
     """
 
     def __init__(
-        self, topology: Topology, *, timeout: float, max_in_flight: int, sentinel: Sentinel | None = None
+        self,
+        topology: Topology,
+        *,
+        timeout: float,
+        max_in_flight: int,
+        sentinel: Sentinel | None = None,
+        resolve: SentinelResolver | None = None,
     ) -> None:
         self.timeout = timeout
         self.cluster = topology.cluster
@@ -125,6 +132,8 @@ class RedisCommands:
             sentinel=sentinel,
         )
         self._slots = asyncio.Semaphore(max_in_flight)
+        # The hot path's scripts, auto-pipelined (chorus.pipeline); a Cluster keeps redis-py's.
+        self._pipeline = None if self.cluster else ScriptPipeline(topology, timeout=timeout, resolve=resolve)
 
     def register_script(self, source: str) -> AsyncScript:
         """A Lua script for this topology: in a Cluster a room's channel is a shard channel (its
@@ -133,11 +142,17 @@ class RedisCommands:
             source = source.replace("'PUBLISH'", "'SPUBLISH'")
         return self.client.register_script(source)
 
-    async def call(self, call: Awaitable[Any]) -> Any:
+    async def script(self, script: AsyncScript, keys: list[str], args: list[bytes | str | int]) -> Any:
+        """Run a registered script, pipelined with the others of this loop turn where it can be."""
+        if self._pipeline is None:
+            return await self.call(script(keys=keys, args=args))
+        return await self.call(self._pipeline.run(script, keys, args), slots=self._pipeline.slots)
+
+    async def call(self, call: Awaitable[Any], *, slots: asyncio.Semaphore | None = None) -> Any:
         """Await one command (or script, or pipeline); BrokerUnavailable when it fails or is late."""
         try:
             async with asyncio.timeout(self.timeout):
-                async with self._slots:
+                async with slots or self._slots:
                     return await call
         except (RedisError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(str(exc) or type(exc).__name__) from exc
@@ -152,6 +167,8 @@ class RedisCommands:
                 call.close()  # never started when the deadline came during the wait for a slot
 
     async def aclose(self) -> None:
+        if self._pipeline is not None:
+            await self._pipeline.aclose()
         await self.client.aclose()
 
 
@@ -370,7 +387,11 @@ class RedisBroker(Broker):
         self._publish_command = "SPUBLISH" if topology.cluster else "PUBLISH"
         # Shared with presence and the connection limiter, which the lifespan stops first.
         self._commands = RedisCommands(
-            topology, timeout=timeout, max_in_flight=settings.redis_max_connections, sentinel=sentinel
+            topology,
+            timeout=timeout,
+            max_in_flight=settings.redis_max_connections,
+            sentinel=sentinel,
+            resolve=self._resolver,
         )
         self._redis = self._commands.client
         self._append = self._commands.register_script(APPEND_AND_PUBLISH)
@@ -406,7 +427,7 @@ class RedisBroker(Broker):
 
     async def append(self, room: str, tail: bytes, sender: bytes) -> bytes:
         room_keys = [keys.stream(room), keys.channel(room)]
-        result: bytes = await self._call(self._append(keys=room_keys, args=[self._maxlen, tail, sender]))
+        result: bytes = await self._commands.script(self._append, room_keys, [self._maxlen, tail, sender])
         return result
 
     async def read_after(self, room: str, since: StreamId, limit: int) -> list[Entry] | None:
