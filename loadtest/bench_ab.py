@@ -6,8 +6,9 @@
 PYTHONPATH, so the same venv runs the other code). Each has its own Redis and two replicas;
 at every offered rate the two are measured one after the other, and the whole ladder is
 repeated `--rounds` times, so a noisy machine treats both alike. Two loads: one room of 100
-(CPU per 1,000 deliveries, what a big room pays) and 100 rooms of 4 (CPU-ms per message, what
-direct messages and small groups pay). Prints a table of medians and the ratio B/A.
+(CPU per 1,000 deliveries, what a big room pays, and p50/p99) and 100 rooms of 4 (CPU-ms per
+message, what direct messages and small groups pay, and p99). Prints a table of medians and
+the ratio B/A.
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ def _row(label: str, a: list[float], b: list[float], unit: str) -> str:
     return f"| {label} | {ma:.4f} | {mb:.4f} | {mb / ma:.2f}x | {unit} |"
 
 
-async def run(ref: Path, rounds: int, seconds: float) -> str:
+async def run(
+    ref: Path,
+    rounds: int,
+    seconds: float,
+    big_dps: Sequence[int] = BIG_ROOM_DPS,
+    small_msgs: Sequence[int] = SMALL_ROOMS_MSGS,
+) -> str:
     workdir = Path(tempfile.mkdtemp(prefix="chorus-ab-"))
     targets = {
         "A": Target("chorus", 2, workdir / "a"),
@@ -62,23 +69,28 @@ async def run(ref: Path, rounds: int, seconds: float) -> str:
         small_steps: dict[str, list[list[StepResult]]] = {"A": [], "B": []}
         for round_ in range(rounds):
             log(f"A/B round {round_ + 1} of {rounds}")
-            for name, steps in (await _ladder(big, [d / 100 for d in BIG_ROOM_DPS], seconds)).items():
+            for name, steps in (await _ladder(big, [d / 100 for d in big_dps], seconds)).items():
                 big_steps[name].append(steps)
-            for name, steps in (await _ladder(small, SMALL_ROOMS_MSGS, seconds)).items():
+            for name, steps in (await _ladder(small, small_msgs, seconds)).items():
                 small_steps[name].append(steps)
-        for index, dps in enumerate(BIG_ROOM_DPS):
+        for index, dps in enumerate(big_dps):
             a = [r[index] for r in big_steps["A"]]
             b = [r[index] for r in big_steps["B"]]
             rows.append(_row(f"1 room of 100, {dps:,}/s", [s.server_cpu_per_1k for s in a],
                              [s.server_cpu_per_1k for s in b], "CPU-s per 1,000 deliveries"))  # fmt: skip
             rows.append(
+                _row(f"1 room of 100, {dps:,}/s", [s.p50_ms for s in a], [s.p50_ms for s in b], "p50 ms")
+            )
+            rows.append(
                 _row(f"1 room of 100, {dps:,}/s", [s.p99_ms for s in a], [s.p99_ms for s in b], "p99 ms")
             )
-        for index, msgs in enumerate(SMALL_ROOMS_MSGS):
+        for index, msgs in enumerate(small_msgs):
             a = [r[index] for r in small_steps["A"]]
             b = [r[index] for r in small_steps["B"]]
             rows.append(_row(f"100 rooms of 4, {msgs:,} msg/s", [s.server_cpu_ms_per_msg for s in a],
                              [s.server_cpu_ms_per_msg for s in b], "CPU-ms per message"))  # fmt: skip
+            rows.append(_row(f"100 rooms of 4, {msgs:,} msg/s", [s.p99_ms for s in a], [s.p99_ms for s in b],
+                             "p99 ms"))  # fmt: skip
         lost = sum(
             s.loss + s.duplicates for r in (*big_steps.values(), *small_steps.values()) for x in r for s in x
         )
@@ -98,10 +110,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ref", type=Path, required=True, help="the other checkout's service/ folder")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--step-seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--big-rates", type=lambda v: [int(x) for x in v.split(",")], default=list(BIG_ROOM_DPS),
+        help="deliveries/s into the room of 100, comma-separated (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--small-rates", type=lambda v: [int(x) for x in v.split(",")], default=list(SMALL_ROOMS_MSGS),
+        help="messages/s over the 100 rooms of 4, comma-separated (default %(default)s)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if not (args.ref / "chorus" / "__init__.py").exists():
         parser.error(f"{args.ref} holds no chorus package (give the checkout's service/ folder)")
-    print(uvloop.run(run(args.ref.resolve(), args.rounds, args.step_seconds)))
+    print(
+        uvloop.run(run(args.ref.resolve(), args.rounds, args.step_seconds, args.big_rates, args.small_rates))
+    )
     return 0
 
 
