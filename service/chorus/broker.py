@@ -468,7 +468,7 @@ class RedisBroker(Broker):
             author,
             "1" if moderator else "0",
         ]
-        return _change(await self._call(self._append_change(keys=room_keys, args=args)))
+        return _change(await self._commands.script(self._append_change, room_keys, args))
 
     async def react(
         self,
@@ -485,15 +485,15 @@ class RedisBroker(Broker):
         room_keys = _change_keys(room)
         args: list[bytes | str | int] = [self._maxlen, tail, sender, TYPE_REACTION, target, user, emoji]
         args += ["1" if on else "0", limit]
-        return _change(await self._call(self._react(keys=room_keys, args=args)))
+        return _change(await self._commands.script(self._react, room_keys, args))
 
     async def typing(self, room: str, user: str, payload: bytes, *, interval: float) -> bool:
         room_keys = [keys.typing(room), keys.channel(room)]
-        sent = await self._call(self._typing(keys=room_keys, args=[user, int(interval * 1000), payload]))
+        sent = await self._commands.script(self._typing, room_keys, [user, int(interval * 1000), payload])
         return bool(sent)
 
     async def mark_read(self, user: str, room: str, msg_id: str) -> bool:
-        moved = await self._call(self._mark_read(keys=[keys.read_markers(user)], args=[room, msg_id]))
+        moved = await self._commands.script(self._mark_read, [keys.read_markers(user)], [room, msg_id])
         return bool(moved)
 
     async def joined(self, user: str, room: str, last_id: StreamId) -> None:
