@@ -8,6 +8,8 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +20,10 @@ from tests import wsraw
 from tests.chat import Chat, metric_value, metrics_text, poll, texts
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+def has_client_id(client_id: str, frame: dict[str, Any]) -> bool:
+    return frame.get("client_id") == client_id
 
 
 def ready_states(cluster: LocalCluster) -> list[int | None]:
@@ -49,6 +55,35 @@ async def test_redis_restart_readiness_resubscribe_and_unavailable(
     assert all(replica.alive() for replica in cluster.replicas), "no process exits"
     for chat in (a, b):
         await chat.close()
+
+
+async def test_redis_dying_under_pipelined_sends_answers_every_sender_unavailable(
+    make_cluster: Callable[..., LocalCluster], redis: RedisServer
+) -> None:
+    # Ten senders on one replica share its pipelined Redis connection: Redis stops answering
+    # (SIGSTOP) with their appends written, then dies. Each sender hears `unavailable` for its
+    # own message, none silence; after a restart the next sends are stored and delivered.
+    cluster: LocalCluster = make_cluster(1)
+    chats = [await Chat.join(cluster.replica_ws_url(0), "pipe", username=f"p{i}") for i in range(10)]
+    try:
+        for chat in chats:  # an ack: the join's own Redis work (replay, rooms list) is done
+            await chat.send("hello", client_id="h")
+            await chat.wait_for(lambda f: f.get("type") == "ack")
+        assert redis.process is not None
+        redis.process.signal(signal.SIGSTOP)
+        await asyncio.gather(*(chat.send("lost?", client_id=f"c{i}") for i, chat in enumerate(chats)))
+        redis.kill()
+        for i, chat in enumerate(chats):
+            want = f"c{i}"
+            err = await chat.wait_for(partial(has_client_id, want), timeout=10)
+            assert (err["type"], err["code"]) == ("error", "unavailable"), err
+        redis.start()
+        await poll(lambda: ready_states(cluster) == [200], 10, "the replica ready again")
+        await chats[0].send("after", client_id="a1")
+        assert (await chats[0].wait_for(lambda f: f.get("type") == "ack"))["client_id"] == "a1"
+        await chats[1].wait_for(lambda f: f.get("text") == "after")
+    finally:
+        await asyncio.gather(*(chat.close() for chat in chats))
 
 
 async def test_killed_pubsub_connection_is_restored_and_the_gap_back_filled(
