@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from chorus import keys
+from chorus import backend, keys
 from chorus.broker import (
     Broker,
     BrokerUnavailable,
@@ -27,6 +27,7 @@ from chorus.broker import (
 from chorus.config import Settings
 from chorus.devcluster import RedisServer
 from chorus.protocol import TYPE_DELETE, ZERO_ID, StreamId, change_tail, decode_published
+from tests.chat import poll
 
 pytestmark = pytest.mark.anyio
 
@@ -213,5 +214,30 @@ async def test_redis_dying_mid_pipeline_fails_every_call_in_it_then_the_next_rec
         assert all(isinstance(result, BrokerUnavailable) for result in results), results
         redis.start()
         assert StreamId.parse(await broker.append("r", TAIL, b"s.1")) > ZERO_ID
+    finally:
+        await broker.stop()
+
+
+async def test_a_silent_pubsub_connection_is_given_up_after_the_keepalive(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis stops answering without closing anything (SIGSTOP, like a partition): after the
+    # keepalive's silence and its PING's silence the connection is made again, with a Gap.
+    monkeypatch.setattr(backend, "KEEPALIVE_SECONDS", 0.2)
+    broker = RedisBroker(Settings(redis_url=redis.url))
+    await broker.start()
+    assert redis.process is not None
+    try:
+        async with broker.subscribe("r") as subscription:
+            await subscription.live()
+            redis.process.signal(signal.SIGSTOP)
+            try:
+                await poll(lambda: broker.reconnects >= 1, 10, "the silent connection to be given up")
+            finally:
+                redis.process.signal(signal.SIGCONT)
+            assert isinstance(await asyncio.wait_for(subscription.get(), 10), Gap)
+            await subscription.live()
+            msg_id = await broker.append("r", TAIL, b"s.1")
+            assert decode_published(await next_message(subscription)).id == StreamId.parse(msg_id)
     finally:
         await broker.stop()
