@@ -1,6 +1,7 @@
 """A/B two copies of the Chorus service in one run: is a change faster, slower, or noise?
 
     python -m loadtest.bench_ab --ref /path/to/other/checkout/service [--rounds 3]
+    python -m loadtest.bench_ab --socketio [--rounds 3]
 
 `A` is the installed Chorus, `B` the service tree given as `--ref` (put first on the replicas'
 PYTHONPATH, so the same venv runs the other code). Each has its own Redis and two replicas;
@@ -8,7 +9,8 @@ at every offered rate the two are measured one after the other, and the whole la
 repeated `--rounds` times, so a noisy machine treats both alike. Two loads: one room of 100
 (CPU per 1,000 deliveries, what a big room pays, and p50/p99) and 100 rooms of 4 (CPU-ms per
 message, what direct messages and small groups pay, and p99). Prints a table of medians and
-the ratio B/A.
+the ratio B/A. With `--socketio`, B is the Node.js Socket.IO baseline instead (issue 15's
+targets are ratios against it).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import uvloop
 
 from .bench import _quiet, _with_load, log
 from .bench_load import Load, StepResult
-from .bench_procs import Target
+from .bench_procs import Target, ensure_socketio_modules
 
 BIG_ROOM_DPS = (5_000, 20_000, 80_000)  # deliveries/s into one room of 100
 SMALL_ROOMS_MSGS = (500, 1_000, 2_000)  # messages/s over 100 rooms of 4
@@ -46,7 +48,7 @@ def _row(label: str, a: list[float], b: list[float], unit: str) -> str:
 
 
 async def run(
-    ref: Path,
+    ref: Path | None,
     rounds: int,
     seconds: float,
     big_dps: Sequence[int] = BIG_ROOM_DPS,
@@ -55,7 +57,9 @@ async def run(
     workdir = Path(tempfile.mkdtemp(prefix="chorus-ab-"))
     targets = {
         "A": Target("chorus", 2, workdir / "a"),
-        "B": Target("chorus", 2, workdir / "b", env={"PYTHONPATH": str(ref)}),
+        "B": Target("chorus", 2, workdir / "b", env={"PYTHONPATH": str(ref)})
+        if ref is not None
+        else Target("socketio", 2, workdir / "b"),
     }
     for target in targets.values():
         target.start()
@@ -107,7 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.bench_ab", description=(__doc__ or "").split("\n")[0]
     )
-    parser.add_argument("--ref", type=Path, required=True, help="the other checkout's service/ folder")
+    against = parser.add_mutually_exclusive_group(required=True)
+    against.add_argument("--ref", type=Path, help="the other checkout's service/ folder")
+    against.add_argument("--socketio", action="store_true", help="B is the Socket.IO baseline")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--step-seconds", type=float, default=3.0)
     parser.add_argument(
@@ -119,11 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="messages/s over the 100 rooms of 4, comma-separated (default %(default)s)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    if not (args.ref / "chorus" / "__init__.py").exists():
+    if args.ref is not None and not (args.ref / "chorus" / "__init__.py").exists():
         parser.error(f"{args.ref} holds no chorus package (give the checkout's service/ folder)")
-    print(
-        uvloop.run(run(args.ref.resolve(), args.rounds, args.step_seconds, args.big_rates, args.small_rates))
-    )
+    if args.socketio:
+        ensure_socketio_modules()
+    ref = args.ref.resolve() if args.ref is not None else None
+    print(uvloop.run(run(ref, args.rounds, args.step_seconds, args.big_rates, args.small_rates)))
     return 0
 
 
