@@ -215,6 +215,20 @@ def test_since_is_a_cursor_only_within_64_bits(ms: int, seq: int) -> None:
         assert parsed is None
 
 
+@given(st.one_of(st.text(alphabet="0123456789-", max_size=45), st.text(max_size=45)))
+def test_an_id_parses_the_same_from_redis_bytes_as_from_a_client_string(raw: str) -> None:
+    # StreamId.parse has a fast path for the bytes Redis sends; it must agree with the rule.
+    try:
+        want: StreamId | None = StreamId.parse(raw)
+    except ValueError:
+        want = None
+    try:
+        got: StreamId | None = StreamId.parse(raw.encode())
+    except ValueError:
+        got = None
+    assert got == want
+
+
 @given(st.text(max_size=60))
 def test_any_since_is_a_cursor_or_none(raw: str) -> None:
     parsed = parse_since(raw)

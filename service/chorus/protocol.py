@@ -173,6 +173,14 @@ class StreamId(tuple[int, int]):
     @classmethod
     def parse(cls, raw: bytes | str) -> StreamId:
         """`ms-seq` or `ms`; ValueError unless each part is ASCII digits below 2**64, as in Redis."""
+        if isinstance(raw, bytes):
+            # Every replica parses every message's id from Redis: split and int() skip the
+            # decode and the regex (bytes.isdigit is ASCII-only, as the regex is).
+            head, _, tail = raw.partition(b"-")
+            if head.isdigit() and tail.isdigit() and len(head) <= 20 and len(tail) <= 20:
+                parsed = (int(head), int(tail))
+                if parsed[0] < _U64 and parsed[1] < _U64:
+                    return cls(parsed)
         text = raw.decode() if isinstance(raw, bytes) else raw
         found = _STREAM_ID_RE.fullmatch(text)
         if found is None:
