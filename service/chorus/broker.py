@@ -103,7 +103,8 @@ class BrokerUnavailable(Exception):
 
 
 class RedisCommands:
-    """The process's one redis-py client for commands and scripts (broker, presence, limits).
+    """The process's one door for commands and scripts (broker, presence, limits): a redis-py
+    client, and `script`'s auto-pipelined connection (chorus.pipeline) outside a Cluster.
 
     Every call is bounded in time (`timeout`, waiting for a slot included) and in concurrency:
     at most `max_in_flight` commands at once, the rest wait their turn. redis-py's pools open
