@@ -30,7 +30,7 @@ from .protocol import API_HISTORY_DEFAULT, API_HISTORY_MAX, REJECT_BAD_REQUEST, 
 from .rebalance import Rebalancer
 from .runtime import Runtime, State, lifespan_state, runtime_of
 from .security import Gatekeeper, Identity, Rejection
-from .session import ChatSockets
+from .session import is_chat_socket, serve_chat_socket
 
 log = logging.getLogger("chorus.app")
 
@@ -111,11 +111,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await _bounded("rooms", hub.close())
             await _bounded("broker", broker.stop())
 
-    app = FastAPI(
+    app = ChorusApp(
         title="Chorus", version=__version__, lifespan=lifespan, docs_url="/api/docs", redoc_url=None
     )
-    # WebSocket /ws/{room} (protocol in README): served by ChatSockets, ahead of the router.
-    app.add_middleware(ChatSockets)
+    # WebSocket /ws/{room} (protocol in README): served by ChorusApp itself, ahead of all this.
     app.add_middleware(ApiHosts, gatekeeper=gatekeeper)
 
     @app.get("/livez")
@@ -191,6 +190,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RoomReadRefused, _refused)
 
     return app
+
+
+class ChorusApp(FastAPI):
+    """FastAPI that serves `/ws/{room}` itself, before its middleware stack (chorus.session)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if is_chat_socket(scope):
+            await serve_chat_socket(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 async def _bounded(what: str, step: Awaitable[Any], timeout: float = 3.0) -> None:

@@ -12,7 +12,7 @@ from typing import Final
 
 from fastapi import WebSocket
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocketState
 
 from . import metrics
@@ -93,24 +93,22 @@ def retry_after() -> str:
     return str(random.randint(*RETRY_AFTER_SECONDS))
 
 
-class ChatSockets:
-    """ASGI middleware serving `/ws/{room}` itself, ahead of FastAPI's router.
+def is_chat_socket(scope: Scope) -> bool:
+    """True for a WebSocket to `/ws/{room}`, which `serve_chat_socket` serves."""
+    return scope["type"] == "websocket" and str(scope["path"]).startswith(WS_PREFIX)
 
-    A WebSocket lives for hours, and every middleware and routing frame between the server and
-    the endpoint stays alive with it: about 10 KiB per idle socket (tracemalloc), a third of
-    what a socket costs. HTTP requests go on to the app as usual.
+
+async def serve_chat_socket(scope: Scope, receive: Receive, send: Send) -> None:
+    """Serve `/ws/{room}` straight from the app's entry (`ChorusApp.__call__`), past its middleware.
+
+    A WebSocket lives for hours, and every coroutine between the server and the receive loop
+    stays alive with it: FastAPI's and Starlette's middleware (telemetry, body limit, errors,
+    exceptions) and ours cost about 3 KiB per idle socket (tracemalloc, docs/perf/idle.md).
+    None of them acts on a WebSocket that Chorus serves itself.
     """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "websocket" or not scope["path"].startswith(WS_PREFIX):
-            await self.app(scope, receive, send)
-            return
-        scope[RAW_SEND] = send  # the server's own send: close_now and FrameWriter reach it
-        websocket = WebSocket(scope, receive, send)
-        await serve_socket(websocket, scope["path"][len(WS_PREFIX) :], runtime_of(websocket))
+    scope[RAW_SEND] = send  # the server's own send: close_now and FrameWriter reach it
+    websocket = WebSocket(scope, receive, send)
+    await serve_socket(websocket, scope["path"][len(WS_PREFIX) :], runtime_of(websocket))
 
 
 async def serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> None:
