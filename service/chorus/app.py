@@ -23,6 +23,7 @@ from .broker import BrokerUnavailable, create_broker
 from .config import Settings, load_settings
 from .health import Health
 from .hub import Hub
+from .keepalive import Keepalive
 from .limits import create_user_limiter
 from .logs import configure_logging
 from .presence import create_presence
@@ -80,7 +81,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         rate=settings.rebalance_rate,
         settle=settings.rebalance_settle_seconds,
     )
-    runtime = Runtime(settings, broker, hub, health, presence, gatekeeper, limiter, tag_prefix=tag_prefix)
+    keepalive = Keepalive(settings.ping_interval_seconds, settings.ping_timeout_seconds)
+    runtime = Runtime(
+        settings, broker, hub, health, presence, gatekeeper, limiter, keepalive, tag_prefix=tag_prefix
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
@@ -108,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await _bounded("rebalancing", rebalancer.stop())
             await _bounded("presence", presence.stop())
             await _bounded("connection leases", limiter.stop())
+            keepalive.stop()
             await _bounded("rooms", hub.close())
             await _bounded("broker", broker.stop())
 
