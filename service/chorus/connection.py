@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final
+from typing import ClassVar, Final
 
 from . import metrics
 from .protocol import CLOSE_TRY_AGAIN_LATER, ZERO_ID, StreamId
@@ -66,6 +66,10 @@ class Connection:
     A sender task exists only while there is a backlog (the socket was not writable, or
     frames are queued ahead): an idle socket carries no task, which is most sockets.
     """
+
+    # Connections that started a sender (had a backlog) since the gauges sampler last looked:
+    # it reads these each second instead of walking every socket (docs/perf/idle.md).
+    backlogged: ClassVar[set[Connection]] = set()
 
     __slots__ = (
         "_close_task",
@@ -125,6 +129,19 @@ class Connection:
         sender = self._sender
         if sender is None or sender.done():
             self._sender = asyncio.create_task(self._run_sender())
+            Connection.backlogged.add(self)
+
+    @classmethod
+    def deepest_backlog(cls) -> int:
+        """The longest send queue in this process (frames held for a coalesced write aside:
+        they go out within the window); forgets the connections whose backlog is gone."""
+        deepest = 0
+        for conn in list(cls.backlogged):
+            depth = len(conn.queue)
+            if depth == 0 and (conn._sender is None or conn._sender.done()):
+                cls.backlogged.discard(conn)
+            deepest = max(deepest, depth)
+        return deepest
 
     def offer(self, frame: str, *, force: bool = False, coalescer: Coalescer | None = None) -> bool:
         """Queue a frame; on overflow close the socket with 1013 and free the queue.
