@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from fastapi import WebSocket
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers, QueryParams
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocketState
 
@@ -76,7 +77,7 @@ from .protocol import (
     user_key,
     welcome_frame,
 )
-from .runtime import Runtime, runtime_of
+from .runtime import Runtime, runtime_in
 from .security import Identity, Rejection, TokenBucket
 from .sockets import RAW_SEND, close_now, lighten
 
@@ -109,8 +110,10 @@ def serve_chat_socket(scope: Scope, receive: Receive, send: Send) -> Coroutine[A
     caller awaits `serve_socket`'s coroutine itself, one frame less per socket.
     """
     scope[RAW_SEND] = send  # the server's own send: close_now and FrameWriter reach it
-    websocket = WebSocket(scope, receive, send)
-    return serve_socket(websocket, scope["path"][len(WS_PREFIX) :], runtime_of(websocket))
+    runtime = runtime_in(scope.get("state") or {})
+    if runtime is None:
+        raise RuntimeError("no Chorus runtime in the lifespan state: is the lifespan on?")
+    return serve_socket(WebSocket(scope, receive, send), scope["path"][len(WS_PREFIX) :], runtime)
 
 
 async def serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> None:
@@ -166,12 +169,15 @@ class _Handshake:
 def _admit(websocket: WebSocket, room: str, runtime: Runtime) -> tuple[Identity, str | None, int]:
     """Every check that happens before accept(); raises Rejection. No Redis work here."""
     settings = runtime.settings
-    params = websocket.query_params
-    runtime.gatekeeper.check_host(websocket.headers)
+    # Locals, not Starlette's `websocket.headers`/`query_params`: those are cached on the
+    # WebSocket and would be kept for the socket's lifetime (about 0.6 KiB, docs/perf/idle.md).
+    params = QueryParams(websocket.scope["query_string"])
+    headers = Headers(scope=websocket.scope)
+    runtime.gatekeeper.check_host(headers)
     if not is_room(room):
         raise Rejection(400, REJECT_BAD_REQUEST, ROOM_RULE)
-    runtime.gatekeeper.check_origin(websocket.headers)
-    identity, subprotocol = runtime.gatekeeper.identify(websocket.headers, params, room)
+    runtime.gatekeeper.check_origin(headers)
+    identity, subprotocol = runtime.gatekeeper.identify(headers, params, room)
     if not identity.user:
         identity = Identity(f"anon-{secrets.token_hex(2)}")
     if not is_username(identity.user):
@@ -206,7 +212,7 @@ async def _session(
     handshake: _Handshake,
 ) -> None:
     settings = runtime.settings
-    params = websocket.query_params
+    params = QueryParams(websocket.scope["query_string"])  # not cached on the WebSocket (see _admit)
     resume = "since" in params
     since = parse_since(params.get("since"))
     user = identity.user
