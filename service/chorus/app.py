@@ -21,6 +21,7 @@ from . import __version__, metrics
 from .api import create_api_router
 from .broker import BrokerUnavailable, create_broker
 from .config import Settings, load_settings
+from .deadlines import Deadlines
 from .health import Health
 from .hub import Hub
 from .keepalive import Keepalive
@@ -82,8 +83,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settle=settings.rebalance_settle_seconds,
     )
     keepalive = Keepalive(settings.ping_interval_seconds, settings.ping_timeout_seconds)
+    deadlines = Deadlines()
     runtime = Runtime(
-        settings, broker, hub, health, presence, gatekeeper, limiter, keepalive, tag_prefix=tag_prefix
+        settings,
+        broker,
+        hub,
+        health,
+        presence,
+        gatekeeper,
+        limiter,
+        keepalive,
+        deadlines,
+        tag_prefix=tag_prefix,
     )
 
     @asynccontextmanager
@@ -113,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await _bounded("presence", presence.stop())
             await _bounded("connection leases", limiter.stop())
             keepalive.stop()
+            deadlines.stop()
             await _bounded("rooms", hub.close())
             await _bounded("broker", broker.stop())
 

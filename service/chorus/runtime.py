@@ -15,6 +15,7 @@ from fastapi import Request, WebSocket
 
 from .broker import Broker
 from .config import Settings
+from .deadlines import Deadlines
 from .health import Health
 from .hub import Hub
 from .keepalive import Keepalive
@@ -38,6 +39,7 @@ class Runtime:
     gatekeeper: Gatekeeper
     limiter: UserLimiter
     keepalive: Keepalive  # pings the established sockets (chorus.keepalive)
+    deadlines: Deadlines  # closes sockets whose token expires (chorus.deadlines)
     # Every connection tag starts with it (`next_tag`); presence names this process's entries by it.
     tag_prefix: bytes
     # Sockets accepted or being accepted on this replica (the CHORUS_MAX_CONNECTIONS count).

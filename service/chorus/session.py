@@ -9,6 +9,7 @@ import random
 import secrets
 import time
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any, Final
 
 from fastapi import WebSocket
@@ -20,6 +21,7 @@ from starlette.websockets import WebSocketState
 from . import metrics
 from .broker import BrokerUnavailable, Change
 from .connection import Connection
+from .deadlines import Deadline
 from .presence import Member
 from .protocol import (
     CLOSE_ABNORMAL,
@@ -230,7 +232,7 @@ async def _session(
         send=websocket.send_text,
         close=lambda code, reason: _close(websocket, code, reason),
     )
-    expiry = _close_at_expiry(conn, identity)
+    expiry = _close_at_expiry(runtime, conn, identity)
     close_code: int | None = None  # the client's, once its close (or the drop) is read
     hub = runtime.hub
     member = Member(room, user, tag.decode())
@@ -265,8 +267,7 @@ async def _session(
                 continue
             await _handle_text(runtime, conn, text, state)
     finally:
-        if expiry is not None:
-            expiry.cancel()
+        runtime.deadlines.cancel(expiry)
         runtime.keepalive.forget(established)
         hub.leave(conn)
         await runtime.presence.leave(member)
@@ -321,12 +322,11 @@ async def _pending_close_code(websocket: WebSocket) -> int | None:
     return _peer_close_code(message) if message["type"] == "websocket.disconnect" else None
 
 
-def _close_at_expiry(conn: Connection, identity: Identity) -> asyncio.TimerHandle | None:
+def _close_at_expiry(runtime: Runtime, conn: Connection, identity: Identity) -> Deadline | None:
     """A socket may not outlive its token: close it with 1008 when the token expires."""
     if identity.expires_at is None:
         return None
-    delay = max(0.0, identity.expires_at - time.time())
-    return asyncio.get_running_loop().call_later(delay, conn.close, CLOSE_POLICY, "token expired")
+    return runtime.deadlines.at(identity.expires_at, partial(conn.close, CLOSE_POLICY, "token expired"))
 
 
 def _rate_limited(conn: Connection, bucket: TokenBucket, flood_seconds: float, text: str) -> None:
