@@ -110,7 +110,10 @@ def lighten(scope: Scope) -> Any:
     headers = scope.get("headers")
     if isinstance(headers, list):
         headers.clear()  # in place: Starlette's cached `Headers` wraps this same list
-    scope.pop("extensions", None)  # read only before the accept
+    # Read only up to the accept (uvicorn's handshake, Starlette's accept, Chorus's _admit);
+    # `path`, `client` and `state` stay for logs and the session.
+    for key in ("extensions", "asgi", "raw_path", "query_string", "subprotocols"):
+        scope.pop(key, None)
     return protocol
 
 
