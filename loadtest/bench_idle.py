@@ -87,6 +87,7 @@ async def _open(port: int, connections: int, tally: Tally) -> list[WsClient]:
 def trace(tree: Path | None, connections: int, workdir: Path) -> dict[str, float]:
     """One replica of `tree` (None: this checkout) under tracemalloc: bytes per socket by kind."""
     out = workdir / "snapshots"
+    out.mkdir(parents=True)
     redis = RedisServer(workdir)
     redis.start()
     port = free_port()
