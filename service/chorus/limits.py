@@ -70,8 +70,10 @@ class UserLimiter:
         pass
 
     async def acquire(self, user: str, tag: str) -> bool:
+        if not self.limit:
+            return True  # no cap (CHORUS_MAX_CONNECTIONS_PER_USER=0): nothing to count or keep
         held = self._held.setdefault(user, set())
-        if self.limit and len(held) >= self.limit:
+        if len(held) >= self.limit:
             return False
         held.add(tag)
         return True
