@@ -89,16 +89,17 @@ class Keepalive:
         try:
             if sockets.is_closed(protocol):
                 del self._where[protocol]
-            elif sent == _DUE:
-                if sockets.send_ping(protocol, frame, payload):
-                    self._put(protocol, now + self._wait, now)
-                else:
-                    del self._where[protocol]
-            elif sockets.answered(protocol):
-                self._put(protocol, max(sent + self._every, now + 1), _DUE)
-            else:
+            elif sent != _DUE and not sockets.answered(protocol):
                 del self._where[protocol]
                 sockets.expire(protocol)
+            elif sent != _DUE and sent + self._every > now:
+                self._put(protocol, sent + self._every, _DUE)  # answered; the next ping is later
+            elif sockets.send_ping(protocol, frame, payload):
+                # Due now (or answered with the next ping due now: the period stays the
+                # interval, not the interval plus a tick).
+                self._put(protocol, now + self._wait, now)
+            else:
+                del self._where[protocol]
         except Exception:  # one broken socket must not stop the wheel for the others
             log.exception("keepalive: giving up on a socket")
             self._where.pop(protocol, None)
