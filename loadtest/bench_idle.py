@@ -96,7 +96,12 @@ def trace(tree: Path | None, connections: int, workdir: Path) -> dict[str, float
     if tree is not None:
         env["PYTHONPATH"] = f"{tree}{os.pathsep}{ROOT}"
     argv = [sys.executable, "-m", "loadtest.idle_probe", "--port", str(port), "--out", str(out)]
-    probe = subprocess.Popen(argv, env=env, cwd=ROOT, start_new_session=True)
+    # Its log goes to a file: under tracemalloc the replica is slow, and the goodbyes of a
+    # thousand sockets at the end time out against the broker (warnings, not figures).
+    log_file = (workdir / "probe.log").open("ab")
+    probe = subprocess.Popen(
+        argv, env=env, cwd=ROOT, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT
+    )
 
     def snapshot(index: int) -> tracemalloc.Snapshot:
         probe.send_signal(signal.SIGUSR1)
@@ -122,6 +127,7 @@ def trace(tree: Path | None, connections: int, workdir: Path) -> dict[str, float
     finally:
         probe.kill()  # our own child, by its handle: no drain needed for a measurement
         probe.wait(10)
+        log_file.close()
         redis.stop()
 
 
