@@ -140,6 +140,23 @@ async def test_a_coalescing_window_holds_a_busy_rooms_frames_for_its_timer() -> 
     assert wire.writes[1] == ["busy0", "busy1", "busy2"]
 
 
+async def test_the_deepest_backlog_is_found_without_walking_idle_sockets() -> None:
+    stalled = Socket()  # its reader stopped: the sender waits on the first frame
+    conn = connection(stalled, limit=10)
+    conn.go_live(None)
+    idle = connection(Socket(), limit=10)
+    idle.go_live(None)
+    for index in range(3):
+        conn.offer(f"f{index}")
+    await poll(lambda: Connection.deepest_backlog() >= 2, 5, "the stalled socket's backlog to show")
+    assert conn in Connection.backlogged and idle not in Connection.backlogged
+    stalled.blocked.set()
+    await poll(
+        lambda: (Connection.deepest_backlog(), conn not in Connection.backlogged)[1], 5, "the backlog to go"
+    )
+    assert stalled.sent == ["f0", "f1", "f2"]
+
+
 def unit_settings() -> Settings:
     """One replica on the in-process broker; the rate limit lifted as the process tests do."""
     return Settings(replica_name="unit", rate_limit=5000, rate_burst=5000)

@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
 
 from chorus.devcluster import free_port
+from chorus.keepalive import Keepalive
 from chorus.server import UVICORN_OPTIONS
-from chorus.sockets import PINNED_UVICORN, RAW_SEND, UVICORN_INTERNALS, FrameWriter, close_now
+from chorus.sockets import PINNED_UVICORN, RAW_SEND, UVICORN_INTERNALS, FrameWriter, close_now, lighten
 
 pytestmark = pytest.mark.anyio
 
@@ -37,7 +38,7 @@ async def test_frame_writer_and_close_now_take_the_fast_path_under_the_pinned_se
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "websocket":
             return
-        scope[RAW_SEND] = send  # as chorus.session.ChatSockets does
+        scope[RAW_SEND] = send  # as chorus.session.serve_chat_socket does
         websocket = WebSocket(scope, receive, send)
         await websocket.accept()
         protocol = getattr(send, "__self__", None)
@@ -67,3 +68,60 @@ async def test_frame_writer_and_close_now_take_the_fast_path_under_the_pinned_se
     assert seen["missing"] == [], f"uvicorn's protocol lost {seen['missing']} (chorus.sockets reads them)"
     assert seen["writer"] is not None, "FrameWriter.for_send returned None: the fast path is gone"
     assert seen["closed"] is True, "close_now returned False: a slow consumer's close would wait forever"
+
+
+async def test_lighten_and_keepalive_take_over_an_established_socket_under_the_pinned_server() -> None:
+    """`lighten` swaps uvicorn's queue and event for lean ones and chorus.keepalive replaces its
+    per-socket ping timers; frames still flow both ways and pings are still answered."""
+    seen: dict[str, Any] = {}
+    keepalive = Keepalive(0.2, 5.0)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            return
+        scope[RAW_SEND] = send
+        websocket = WebSocket(scope, receive, send)
+        await websocket.accept()
+        handle = lighten(scope)
+        seen["handle"] = handle
+        keepalive.watch(handle)
+        protocol = getattr(send, "__self__", None)
+        seen["uvicorn timer"] = getattr(protocol, "ping_timer", "missing")
+        seen["headers"] = list(scope["headers"])
+        seen["watched"] = len(keepalive)
+        try:
+            while True:
+                text = await websocket.receive_text()
+                await websocket.send_text(f"echo {text}")
+        except WebSocketDisconnect:
+            pass
+        finally:
+            keepalive.forget(handle)
+            seen["after"] = len(keepalive)
+
+    port = free_port()
+    options = {key: value for key, value in UVICORN_OPTIONS.items() if key != "loop"}
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, ws_ping_interval=20, **options)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                await asyncio.sleep(0.02)
+            async with connect(f"ws://127.0.0.1:{port}/") as ws:
+                for word in ("one", "two"):
+                    await ws.send(word)
+                    assert await ws.recv() == f"echo {word}"
+                await asyncio.sleep(1.0)  # about five keepalive rounds, each answered by the client
+                await ws.send("three")
+                assert await ws.recv() == "echo three"
+            while "after" not in seen:
+                await asyncio.sleep(0.02)
+    finally:
+        keepalive.stop()
+        server.should_exit = True
+        await task
+    assert seen["handle"] is not None, "lighten returned None: the lean path is gone"
+    assert seen["uvicorn timer"] is None, "uvicorn's own ping timer still runs beside chorus.keepalive"
+    assert seen["headers"] == [], "the handshake's headers are still held"
+    assert (seen["watched"], seen["after"]) == (1, 0)

@@ -21,8 +21,10 @@ from . import __version__, metrics
 from .api import create_api_router
 from .broker import BrokerUnavailable, create_broker
 from .config import Settings, load_settings
+from .deadlines import Deadlines
 from .health import Health
 from .hub import Hub
+from .keepalive import Keepalive
 from .limits import create_user_limiter
 from .logs import configure_logging
 from .presence import create_presence
@@ -30,7 +32,7 @@ from .protocol import API_HISTORY_DEFAULT, API_HISTORY_MAX, REJECT_BAD_REQUEST, 
 from .rebalance import Rebalancer
 from .runtime import Runtime, State, lifespan_state, runtime_of
 from .security import Gatekeeper, Identity, Rejection
-from .session import ChatSockets
+from .session import is_chat_socket, serve_chat_socket
 
 log = logging.getLogger("chorus.app")
 
@@ -80,7 +82,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         rate=settings.rebalance_rate,
         settle=settings.rebalance_settle_seconds,
     )
-    runtime = Runtime(settings, broker, hub, health, presence, gatekeeper, limiter, tag_prefix=tag_prefix)
+    keepalive = Keepalive(settings.ping_interval_seconds, settings.ping_timeout_seconds)
+    deadlines = Deadlines()
+    runtime = Runtime(
+        settings,
+        broker,
+        hub,
+        health,
+        presence,
+        gatekeeper,
+        limiter,
+        keepalive,
+        deadlines,
+        tag_prefix=tag_prefix,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
@@ -108,14 +123,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await _bounded("rebalancing", rebalancer.stop())
             await _bounded("presence", presence.stop())
             await _bounded("connection leases", limiter.stop())
+            keepalive.stop()
+            deadlines.stop()
             await _bounded("rooms", hub.close())
             await _bounded("broker", broker.stop())
 
-    app = FastAPI(
+    app = ChorusApp(
         title="Chorus", version=__version__, lifespan=lifespan, docs_url="/api/docs", redoc_url=None
     )
-    # WebSocket /ws/{room} (protocol in README): served by ChatSockets, ahead of the router.
-    app.add_middleware(ChatSockets)
+    # WebSocket /ws/{room} (protocol in README): served by ChorusApp itself, ahead of all this.
     app.add_middleware(ApiHosts, gatekeeper=gatekeeper)
 
     @app.get("/livez")
@@ -191,6 +207,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RoomReadRefused, _refused)
 
     return app
+
+
+class ChorusApp(FastAPI):
+    """FastAPI that serves `/ws/{room}` itself, before its middleware stack (chorus.session)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if is_chat_socket(scope):
+            await serve_chat_socket(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 async def _bounded(what: str, step: Awaitable[Any], timeout: float = 3.0) -> None:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final
+from typing import ClassVar, Final
 
 from . import metrics
 from .protocol import CLOSE_TRY_AGAIN_LATER, ZERO_ID, StreamId
@@ -89,6 +88,10 @@ class Connection:
     frames are queued ahead): an idle socket carries no task, which is most sockets.
     """
 
+    # Connections that started a sender (had a backlog) since the gauges sampler last looked:
+    # it reads these each second instead of walking every socket (docs/perf/idle.md).
+    backlogged: ClassVar[set[Connection]] = set()
+
     __slots__ = (
         "_close_task",
         "_reason",
@@ -126,7 +129,9 @@ class Connection:
         self.send = send
         self.writer = FrameWriter.for_send(send)
         self.on_close = close
-        self.queue: deque[str] = deque()
+        # A list, not a deque: an empty deque allocates a 64-slot block (760 B per idle socket,
+        # tracemalloc); the queue is short and written out whole (popleft only without a writer).
+        self.queue: list[str] = []
         # Frames waiting for the coalescer's flush; the queue is empty while there are any.
         self.held: list[str] | None = None
         # While the join replays history, live messages wait here (bounded like the queue);
@@ -145,6 +150,19 @@ class Connection:
         sender = self._sender
         if sender is None or sender.done():
             self._sender = asyncio.create_task(self._run_sender())
+            Connection.backlogged.add(self)
+
+    @classmethod
+    def deepest_backlog(cls) -> int:
+        """The longest send queue in this process (frames held for a coalesced write aside:
+        they go out within the window); forgets the connections whose backlog is gone."""
+        deepest = 0
+        for conn in list(cls.backlogged):
+            depth = len(conn.queue)
+            if depth == 0 and (conn._sender is None or conn._sender.done()):
+                cls.backlogged.discard(conn)
+            deepest = max(deepest, depth)
+        return deepest
 
     def offer(self, frame: str, *, force: bool = False, hold: Hold | None = None) -> bool:
         """Queue a frame; on overflow close the socket with 1013 and free the queue.
@@ -294,7 +312,7 @@ class Connection:
                     writer.write(queue)
                     queue.clear()
                 else:
-                    await send(queue.popleft())
+                    await send(queue.pop(0))
             # No await between the empty queue and returning: an `offer` that comes after
             # finds this task done and starts another.
             if self.close_code is not None:

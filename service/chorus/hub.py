@@ -174,7 +174,8 @@ class Hub:
         return found.last_id if found is not None else ZERO_ID
 
     def max_queue_depth(self) -> int:
-        return max((conn.depth for conn in self.connections), default=0)
+        """The deepest send queue in the process, without walking every socket."""
+        return Connection.deepest_backlog()
 
     # -- the fleet's control channel: a user's sockets on every replica ----------------------
 

@@ -5,6 +5,11 @@ expiry. The replica renews its connections' leases every third of the lease
 (CHORUS_CONNECTION_LEASE_SECONDS); a replica that dies stops renewing, and its entries stop
 counting once their lease runs out. The count and
 the insert are one Lua script, so concurrent handshakes cannot both take the last place.
+
+A renewal is one script call per `RENEW_BATCH` users (`RENEW`), not a ZADD and a PEXPIRE per
+user in a pipeline: redis-py packs and parses each pipelined command in Python, which made the
+renewal of idle sockets' leases cost the replica CPU in proportion to its users. In a Cluster a
+script cannot span slots, so there it stays a pipeline.
 """
 
 from __future__ import annotations
@@ -33,6 +38,24 @@ return 1
 """
 
 
+# KEYS: the users' connection sets. ARGV: expiry, lease in ms, then per key: n, and its n tags.
+RENEW: Final = """
+local expiry, ms, at = ARGV[1], ARGV[2], 3
+for _, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[at])
+  for i = at + 1, at + n do
+    redis.call('ZADD', key, expiry, ARGV[i])
+  end
+  at = at + n + 1
+  redis.call('PEXPIRE', key, ms)
+end
+return #KEYS
+"""
+# Users per RENEW call: Redis runs a script to its end, so a call stays short (about a
+# millisecond of Redis time) and other clients' commands go between calls.
+RENEW_BATCH: Final = 500
+
+
 class UserLimiter:
     """In-process count; `RedisUserLimiter` shares it across replicas."""
 
@@ -47,8 +70,10 @@ class UserLimiter:
         pass
 
     async def acquire(self, user: str, tag: str) -> bool:
+        if not self.limit:
+            return True  # no cap (CHORUS_MAX_CONNECTIONS_PER_USER=0): nothing to count or keep
         held = self._held.setdefault(user, set())
-        if self.limit and len(held) >= self.limit:
+        if len(held) >= self.limit:
             return False
         held.add(tag)
         return True
@@ -68,6 +93,7 @@ class RedisUserLimiter(UserLimiter):
         self._commands = commands
         self._redis = commands.client
         self._acquire = commands.register_script(ACQUIRE)
+        self._renew = commands.register_script(RENEW)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -105,15 +131,30 @@ class RedisUserLimiter(UserLimiter):
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(self._lease / 3)
-            expiry = time.time() + self._lease
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for user, tags in list(self._held.items()):
-                        pipe.zadd(keys.connections(user), {tag: expiry for tag in tags})
-                        pipe.pexpire(keys.connections(user), int(self._lease * 1000))
-                    await self._call(pipe.execute())
+                await self.renew()
             except BrokerUnavailable as exc:
                 log.warning("could not renew connection leases: %s", exc)
+
+    async def renew(self) -> None:
+        """Push the lease of every connection this process holds one lease further."""
+        expiry = time.time() + self._lease
+        lease_ms = int(self._lease * 1000)
+        # Copied now: handshakes and goodbyes change the sets while a call is in flight.
+        held = [(user, list(tags)) for user, tags in self._held.items() if tags]
+        if self._commands.cluster:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for user, tags in held:
+                    pipe.zadd(keys.connections(user), dict.fromkeys(tags, expiry))
+                    pipe.pexpire(keys.connections(user), lease_ms)
+                await self._call(pipe.execute())
+            return
+        for start in range(0, len(held), RENEW_BATCH):
+            batch = held[start : start + RENEW_BATCH]
+            args: list[str | float | int] = [expiry, lease_ms]
+            for _, tags in batch:
+                args += [len(tags), *tags]
+            await self._call(self._renew(keys=[keys.connections(user) for user, _ in batch], args=args))
 
 
 def create_user_limiter(settings: Settings, broker: Broker) -> UserLimiter:

@@ -15,8 +15,10 @@ from fastapi import Request, WebSocket
 
 from .broker import Broker
 from .config import Settings
+from .deadlines import Deadlines
 from .health import Health
 from .hub import Hub
+from .keepalive import Keepalive
 from .limits import UserLimiter
 from .presence import Presence
 from .protocol import CLOSE_SERVICE_RESTART
@@ -36,6 +38,8 @@ class Runtime:
     presence: Presence
     gatekeeper: Gatekeeper
     limiter: UserLimiter
+    keepalive: Keepalive  # pings the established sockets (chorus.keepalive)
+    deadlines: Deadlines  # closes sockets whose token expires (chorus.deadlines)
     # Every connection tag starts with it (`next_tag`); presence names this process's entries by it.
     tag_prefix: bytes
     # Sockets accepted or being accepted on this replica (the CHORUS_MAX_CONNECTIONS count).

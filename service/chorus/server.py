@@ -53,6 +53,8 @@ def server_options(settings: Settings) -> dict[str, Any]:
         # (which keeps running) takes over. gunicorn's `keepalive` is overridden by this.
         "timeout_keep_alive": min(settings.keep_alive_timeout_seconds, settings.handshake_timeout_seconds),
         "ws_max_size": settings.max_frame_bytes,
+        # uvicorn's own keepalive covers a socket only until chorus.keepalive takes it over
+        # right after its accept (and any socket the pinned-uvicorn fast path cannot reach).
         "ws_ping_interval": settings.ping_interval_seconds,
         "ws_ping_timeout": settings.ping_timeout_seconds,
         "timeout_graceful_shutdown": 5,

@@ -8,16 +8,20 @@ import math
 import random
 import secrets
 import time
-from typing import Final
+from collections.abc import Coroutine
+from functools import partial
+from typing import Any, Final
 
 from fastapi import WebSocket
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.datastructures import Headers, QueryParams
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocketState
 
 from . import metrics
 from .broker import BrokerUnavailable, Change
 from .connection import Connection
+from .deadlines import Deadline
 from .presence import Member
 from .protocol import (
     CLOSE_ABNORMAL,
@@ -61,6 +65,7 @@ from .protocol import (
     ClientRead,
     ClientTyping,
     ProtocolError,
+    StreamId,
     ack_frame,
     change_tail,
     close_label,
@@ -75,9 +80,9 @@ from .protocol import (
     user_key,
     welcome_frame,
 )
-from .runtime import Runtime, runtime_of
+from .runtime import Runtime, runtime_in
 from .security import Identity, Rejection, TokenBucket
-from .sockets import RAW_SEND, close_now
+from .sockets import RAW_SEND, close_now, lighten
 
 log = logging.getLogger("chorus.session")
 
@@ -93,24 +98,25 @@ def retry_after() -> str:
     return str(random.randint(*RETRY_AFTER_SECONDS))
 
 
-class ChatSockets:
-    """ASGI middleware serving `/ws/{room}` itself, ahead of FastAPI's router.
+def is_chat_socket(scope: Scope) -> bool:
+    """True for a WebSocket to `/ws/{room}`, which `serve_chat_socket` serves."""
+    return scope["type"] == "websocket" and str(scope["path"]).startswith(WS_PREFIX)
 
-    A WebSocket lives for hours, and every middleware and routing frame between the server and
-    the endpoint stays alive with it: about 10 KiB per idle socket (tracemalloc), a third of
-    what a socket costs. HTTP requests go on to the app as usual.
+
+def serve_chat_socket(scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
+    """Serve `/ws/{room}` straight from the app's entry (`ChorusApp.__call__`), past its middleware.
+
+    A WebSocket lives for hours, and every coroutine between the server and the receive loop
+    stays alive with it: FastAPI's and Starlette's middleware (telemetry, body limit, errors,
+    exceptions) and ours cost about 3 KiB per idle socket (tracemalloc, docs/perf/idle.md).
+    None of them acts on a WebSocket that Chorus serves itself. Not `async` either: the
+    caller awaits `serve_socket`'s coroutine itself, one frame less per socket.
     """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "websocket" or not scope["path"].startswith(WS_PREFIX):
-            await self.app(scope, receive, send)
-            return
-        scope[RAW_SEND] = send  # the server's own send: close_now and FrameWriter reach it
-        websocket = WebSocket(scope, receive, send)
-        await serve_socket(websocket, scope["path"][len(WS_PREFIX) :], runtime_of(websocket))
+    scope[RAW_SEND] = send  # the server's own send: close_now and FrameWriter reach it
+    runtime = runtime_in(scope.get("state") or {})
+    if runtime is None:
+        raise RuntimeError("no Chorus runtime in the lifespan state: is the lifespan on?")
+    return serve_socket(WebSocket(scope, receive, send), scope["path"][len(WS_PREFIX) :], runtime)
 
 
 async def serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> None:
@@ -166,12 +172,15 @@ class _Handshake:
 def _admit(websocket: WebSocket, room: str, runtime: Runtime) -> tuple[Identity, str | None, int]:
     """Every check that happens before accept(); raises Rejection. No Redis work here."""
     settings = runtime.settings
-    params = websocket.query_params
-    runtime.gatekeeper.check_host(websocket.headers)
+    # Locals, not Starlette's `websocket.headers`/`query_params`: those are cached on the
+    # WebSocket and would be kept for the socket's lifetime (about 0.6 KiB, docs/perf/idle.md).
+    params = QueryParams(websocket.scope["query_string"])
+    headers = Headers(scope=websocket.scope)
+    runtime.gatekeeper.check_host(headers)
     if not is_room(room):
         raise Rejection(400, REJECT_BAD_REQUEST, ROOM_RULE)
-    runtime.gatekeeper.check_origin(websocket.headers)
-    identity, subprotocol = runtime.gatekeeper.identify(websocket.headers, params, room)
+    runtime.gatekeeper.check_origin(headers)
+    identity, subprotocol = runtime.gatekeeper.identify(headers, params, room)
     if not identity.user:
         identity = Identity(f"anon-{secrets.token_hex(2)}")
     if not is_username(identity.user):
@@ -206,12 +215,12 @@ async def _session(
     handshake: _Handshake,
 ) -> None:
     settings = runtime.settings
-    params = websocket.query_params
-    resume = "since" in params
-    since = parse_since(params.get("since"))
+    resume, since = _resume_point(websocket.scope)
     user = identity.user
 
     await websocket.accept(subprotocol=subprotocol)
+    established = lighten(websocket.scope)
+    runtime.keepalive.watch(established)
     metrics.CONNECTIONS.inc()
     metrics.CONNECTIONS_OPENED.inc()
     conn = Connection(
@@ -220,9 +229,9 @@ async def _session(
         tag=tag,
         limit=settings.send_queue_size,
         send=websocket.send_text,
-        close=lambda code, reason: _close(websocket, code, reason),
+        close=partial(_close, websocket),
     )
-    expiry = _close_at_expiry(conn, identity)
+    expiry = _close_at_expiry(runtime, conn, identity)
     close_code: int | None = None  # the client's, once its close (or the drop) is read
     hub = runtime.hub
     member = Member(room, user, tag.decode())
@@ -257,8 +266,8 @@ async def _session(
                 continue
             await _handle_text(runtime, conn, text, state)
     finally:
-        if expiry is not None:
-            expiry.cancel()
+        runtime.deadlines.cancel(expiry)
+        runtime.keepalive.forget(established)
         hub.leave(conn)
         await runtime.presence.leave(member)
         if conn.closing and conn.closed_with is not None:
@@ -279,6 +288,16 @@ async def _session(
                 await websocket.close()
             except Exception:  # the peer is gone; nothing to tell it
                 pass
+
+
+def _resume_point(scope: Scope) -> tuple[bool, StreamId | None]:
+    """Whether the client sent `since`, and its value (None when malformed).
+
+    A helper, so the parsed query is not a local of `_session`, kept as long as the socket
+    (about 0.5 KiB per idle socket, tracemalloc).
+    """
+    params = QueryParams(scope["query_string"])
+    return "since" in params, parse_since(params.get("since"))
 
 
 async def _record_join(runtime: Runtime, user: str, room: str) -> None:
@@ -312,12 +331,11 @@ async def _pending_close_code(websocket: WebSocket) -> int | None:
     return _peer_close_code(message) if message["type"] == "websocket.disconnect" else None
 
 
-def _close_at_expiry(conn: Connection, identity: Identity) -> asyncio.TimerHandle | None:
+def _close_at_expiry(runtime: Runtime, conn: Connection, identity: Identity) -> Deadline | None:
     """A socket may not outlive its token: close it with 1008 when the token expires."""
     if identity.expires_at is None:
         return None
-    delay = max(0.0, identity.expires_at - time.time())
-    return asyncio.get_running_loop().call_later(delay, conn.close, CLOSE_POLICY, "token expired")
+    return runtime.deadlines.at(identity.expires_at, partial(conn.close, CLOSE_POLICY, "token expired"))
 
 
 def _rate_limited(conn: Connection, bucket: TokenBucket, flood_seconds: float, text: str) -> None:
