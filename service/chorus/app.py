@@ -80,7 +80,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         rate=settings.rebalance_rate,
         settle=settings.rebalance_settle_seconds,
     )
-    runtime = Runtime(settings, broker, hub, health, presence, gatekeeper, limiter, tag_prefix=tag_prefix)
+    runtime = Runtime(
+        settings,
+        broker,
+        hub,
+        health,
+        presence,
+        gatekeeper,
+        limiter,
+        tag_prefix=tag_prefix,
+        rebalancer=rebalancer,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:

@@ -43,6 +43,7 @@ from .protocol import (
     REJECT_INVALID_UTF8,
     REJECT_MAX_CONNECTIONS,
     REJECT_MAX_CONNECTIONS_PER_USER,
+    REJECT_REBALANCE,
     REJECT_TOO_MANY_HANDSHAKES,
     ROOM_RULE,
     TYPE_DELETE,
@@ -86,11 +87,14 @@ PEER_CLOSE_WAIT_SECONDS: Final = 1.0
 # A refused handshake is told to come back after 1 to 5 s, drawn per refusal: a wave shed at
 # once returns spread over four seconds instead of as the same wave one second later.
 RETRY_AFTER_SECONDS: Final = (1, 5)
+# A replica shedding for rebalance sends a client on at once: another replica can take it now.
+RETRY_AFTER_REBALANCE_SECONDS: Final = (1, 2)
 
 
-def retry_after() -> str:
+def retry_after(reason: str = "") -> str:
     """A jittered `Retry-After` value (whole seconds, as RFC 9110 has it)."""
-    return str(random.randint(*RETRY_AFTER_SECONDS))
+    bounds = RETRY_AFTER_REBALANCE_SECONDS if reason == REJECT_REBALANCE else RETRY_AFTER_SECONDS
+    return str(random.randint(*bounds))
 
 
 class ChatSockets:
@@ -122,7 +126,7 @@ async def serve_socket(websocket: WebSocket, room: str, runtime: Runtime) -> Non
         # The handshake's contract since the first release: any token problem is 403 (a
         # WebSocket client has no credential challenge to answer); the HTTP reads say 401.
         status = 403 if rejection.status == 401 else rejection.status
-        headers = {"Retry-After": retry_after()} if status == 503 else None
+        headers = {"Retry-After": retry_after(rejection.reason)} if status == 503 else None
         response = JSONResponse({"detail": rejection.detail}, status_code=status, headers=headers)
         await websocket.send_denial_response(response)
         return
@@ -186,6 +190,8 @@ def _admit(websocket: WebSocket, room: str, runtime: Runtime) -> tuple[Identity,
         ) from None
     if runtime.health.draining:
         raise Rejection(503, REJECT_DRAINING, "this replica is draining; reconnect")
+    if runtime.rebalancer is not None and runtime.rebalancer.refusing:
+        raise Rejection(503, REJECT_REBALANCE, "this replica holds more than its share; reconnect")
     if settings.max_connections and runtime.sockets >= settings.max_connections:
         raise Rejection(503, REJECT_MAX_CONNECTIONS, "this replica is full; reconnect")
     if runtime.handshakes >= settings.max_pending_handshakes:

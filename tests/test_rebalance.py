@@ -1,0 +1,49 @@
+"""When a shedding replica refuses handshakes (chorus.rebalance): only when a client has somewhere to go."""
+
+from __future__ import annotations
+
+from chorus.broker import Load
+from chorus.rebalance import excess, missing_allowed, refuses
+
+
+def load(process: str, sockets: int, *, ready: bool = True, ready_for: float = 60.0) -> Load:
+    return Load(process, sockets, ready, ready_for if ready else 0.0, 0.0)
+
+
+def test_a_full_replica_refuses_while_a_ready_one_is_below_the_mean() -> None:
+    fleet = [load("a", 300), load("b", 300), load("c", 0)]
+    assert refuses(fleet[0], fleet, 0.1, 30)
+    assert not refuses(fleet[2], fleet, 0.1, 30), "the under-full replica takes everyone"
+
+
+def test_no_refusal_in_a_fleet_of_one_or_a_balanced_fleet() -> None:
+    alone = [load("a", 5000)]
+    assert not refuses(alone[0], alone, 0.1, 30)
+    balanced = [load("a", 205), load("b", 200), load("c", 195)]
+    assert not any(refuses(mine, balanced, 0.1, 30) for mine in balanced)
+
+
+def test_no_refusal_while_the_fleet_is_changing() -> None:
+    just_ready = [load("a", 300), load("b", 300), load("c", 0, ready_for=1.0)]
+    assert not refuses(just_ready[0], just_ready, 0.1, 30), "the new replica has not settled"
+    not_ready = [load("a", 300), load("b", 300), load("c", 0, ready=False)]
+    assert not refuses(not_ready[0], not_ready, 0.1, 30), "nowhere ready to go"
+    assert not refuses(load("a", 300, ready=False), [load("a", 300, ready=False), load("c", 0)], 0.1, 0)
+
+
+def test_missing_sockets_bound_the_refusal() -> None:
+    assert missing_allowed(10_000, 3, 20.0) == 1000  # a tenth of a large fleet
+    assert missing_allowed(600, 3, 20.0) == 300  # what 3 processes shed in 5 s, in a small one
+
+
+def test_sockets_on_their_way_count_in_the_mean() -> None:
+    # 600 sockets, 80 shed a moment ago and not back yet: the mean is still 200, not 173.
+    fleet = [load("a", 230), load("b", 230), load("c", 60)]
+    assert excess(230, fleet, 0.1) == 56
+    assert excess(230, fleet, 0.1, missing=80) == 30
+
+
+def test_a_replica_at_the_mean_keeps_refusing_until_the_fleet_is_balanced() -> None:
+    fleet = [load("a", 201), load("b", 260), load("c", 139)]
+    assert excess(201, fleet, 0.1) == 0
+    assert refuses(fleet[0], fleet, 0.1, 30), "or b's shed sockets land on a"
