@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketState
 
-from . import metrics
+from . import joins, metrics
 from .broker import BrokerUnavailable, Change
 from .connection import Connection
 from .presence import Member
@@ -237,11 +237,22 @@ async def _session(
     try:
         try:
             await hub.join(conn)
-            online = await runtime.presence.join(member)
+            # Presence, the backlog read and the room record: one round trip (chorus.joins).
+            online, backlog = await joins.enter(
+                runtime.broker,
+                runtime.presence,
+                member,
+                last_id=hub.last_id(room),
+                since=since,
+                resume=resume,
+                history=history,
+                replay_limit=hub.replay_limit,
+            )
             handshake.end()  # before the welcome is written: a client that waits for it never overlaps
             conn.offer(welcome_frame(room, user, settings.replica_name, online), force=True)
-            await hub.replay(conn, since=since, resume=resume, history=history)
-            await _record_join(runtime, user, room)
+            await hub.replay(conn, since=since, resume=resume, history=history, backlog=backlog)
+            if backlog is None:
+                await _record_join(runtime, user, room)
         except BrokerUnavailable as exc:
             log.warning("cannot join %s: %s", room, exc)
             conn.close(CLOSE_INTERNAL_ERROR, "broker unavailable")
