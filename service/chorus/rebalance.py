@@ -32,7 +32,6 @@ import asyncio
 import logging
 import random
 import time
-from collections import deque
 from typing import Final
 
 from . import metrics
@@ -50,8 +49,8 @@ HEARTBEATS_TO_EXPIRE: Final = 3
 REFUSE_BEATS: Final = 2
 # Sockets a fleet may miss (shed, not yet back) while its processes refuse: a tenth of it, or
 # what every process could shed in this many seconds, whichever is more (a shed socket
-# reconnects within its backoff plus a 1-2 s Retry-After per refusal).
-REFUSE_MISSING_SECONDS: Final = 5.0
+# reconnects within its backoff plus a 1-2 s Retry-After per refusal: 5-6 s measured with 600).
+REFUSE_MISSING_SECONDS: Final = 10.0
 # A handful of sockets over the mean costs nothing; moving them costs each a reconnect (and
 # would close sockets of small test fleets where round robin cannot split evenly).
 MIN_EXCESS: Final = 10
@@ -133,8 +132,8 @@ class Rebalancer:
         self.settle = settle
         self._ready_since: float | None = None
         self._refuse_until = 0.0  # time.monotonic() until which handshakes are refused
-        self._peak = 0  # the fleet's largest total since this process began refusing
-        self._totals: deque[tuple[float, int]] = deque()  # (monotonic, fleet total), recent beats
+        self._peak = 0  # the fleet's largest total since it went out of balance
+        self._gave_up = False  # too many shed sockets stayed away: no refusals until balanced
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -173,35 +172,36 @@ class Rebalancer:
             # A beat that shed took up to one interval already: keep the period one interval.
             await asyncio.sleep(max(0.1, self.interval - (time.monotonic() - started)))
 
-    def _in_flight(self, total: int) -> int:
-        """Sockets the fleet held in the last REFUSE_MISSING_SECONDS and lacks now (shed, on their way)."""
-        now = time.monotonic()
-        self._totals.append((now, total))
-        while self._totals[0][0] < now - REFUSE_MISSING_SECONDS:
-            self._totals.popleft()
-        return max(count for _, count in self._totals) - total
-
-    def _decide_refusal(self, load: Load, fleet: list[Load], missing: int) -> None:
-        if self.rate <= 0 or not refuses(load, fleet, self.tolerance, self.settle, missing=missing):
-            self._refuse_until, self._peak = 0.0, 0
-            return
+    def _in_flight(self, fleet: list[Load]) -> int | None:
+        """Sockets the fleet held since it went out of balance and lacks now: shed and on their way
+        back (a refused client waits 1-2 s per refusal, several seconds in all). 0 once the fleet
+        is balanced again; None, until then, once more were missing than `missing_allowed`."""
         total = sum(entry.sockets for entry in fleet)
         self._peak = max(self._peak, total)
-        if self._peak - total > missing_allowed(self._peak, len(fleet), self.rate):
-            if self._refuse_until:
-                log.warning(
-                    "rebalance: %d sockets have not come back; no longer refusing", self._peak - total
-                )
-            self._refuse_until = 0.0
-            return
-        self._refuse_until = time.monotonic() + self.interval * REFUSE_BEATS
+        missing = self._peak - total
+        if self._gave_up or missing > missing_allowed(self._peak, len(fleet), self.rate):
+            if not self._gave_up:
+                log.warning("rebalance: %d sockets have not come back; not refusing until balanced", missing)
+            self._gave_up = True
+            missing = 0
+        if len(fleet) < 2 or _balanced(fleet, _mean(fleet, missing), self.tolerance):
+            self._peak, self._gave_up = 0, False
+        return None if self._gave_up else missing
 
     async def beat(self) -> None:
         """Report, read the fleet, and shed for up to one interval when above the tolerance."""
         load = self._load(time.time())
         fleet = await self._broker.report_load(self.process, load, ttl=self.interval * HEARTBEATS_TO_EXPIRE)
-        missing = self._in_flight(sum(entry.sockets for entry in fleet))
-        self._decide_refusal(load, fleet, missing)
+        in_flight = self._in_flight(fleet)
+        missing = in_flight or 0
+        if (
+            in_flight is None
+            or self.rate <= 0
+            or not refuses(load, fleet, self.tolerance, self.settle, missing=missing)
+        ):
+            self._refuse_until = 0.0
+        else:
+            self._refuse_until = time.monotonic() + self.interval * REFUSE_BEATS
         if self.rate <= 0 or not load.ready or not settled(fleet, self.settle):
             return
         extra = excess(load.sockets, fleet, self.tolerance, missing=missing)
