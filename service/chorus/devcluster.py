@@ -286,9 +286,14 @@ class RedisCluster:
                 node.process.stop()
 
 
+# HAProxy holds two descriptors per proxied socket and sizes its own descriptor limit from
+# `maxconn` (it raises it when run as root; otherwise it warns and keeps the inherited one):
+# 9,000 fit the 20,000 limit of an unprivileged shell, and storms of 10,000 and more need a
+# larger `proxy_maxconn`.
+PROXY_MAXCONN = 9000
 HAPROXY_CONFIG = """\
 global
-    maxconn 9000
+    maxconn {maxconn}
     stats socket {stats}
 defaults
     mode http
@@ -323,10 +328,12 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         workdir: Path | None = None,
         launch: Callable[[int, int], tuple[Sequence[str], dict[str, str]]] | None = None,
+        proxy_maxconn: int = PROXY_MAXCONN,
     ) -> None:
         # `launch(index, port)` gives a replica's argv and env overrides instead of the default
         # `chorus serve` (the chart contract test runs the Deployment's own command this way).
         self.launch = launch
+        self.proxy_maxconn = proxy_maxconn
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="chorus-cluster-"))
         self.port = port or free_port()
         self._own_redis = redis is None
@@ -425,7 +432,9 @@ class LocalCluster:
         )
         config = self.workdir / "haproxy.cfg"
         stats = self.workdir / "haproxy.sock"
-        config.write_text(HAPROXY_CONFIG.format(port=self.port, servers=servers, stats=stats))
+        config.write_text(
+            HAPROXY_CONFIG.format(port=self.port, servers=servers, stats=stats, maxconn=self.proxy_maxconn)
+        )
         self.proxy = Process(
             "haproxy", [find_binary("haproxy"), "-f", str(config)], self.workdir / "haproxy.log"
         )
