@@ -19,8 +19,10 @@ connects and 1012 closes the clients saw.
   within 10 % of the mean after it is ready, and the 1012 moves against the minimum (what the
   two held above the mean). `--settle` and `--rebalance-rate` set the rebalancing for the run.
 
-Each generator process binds its own loopback source address (127.0.0.2, .3, ...), and the
-proxy's `maxconn` is sized for the run (HAProxy raises its descriptor limit itself as root).
+Each generator process binds its own loopback source address (127.0.0.2, .3, ...) and goes
+through its own HAProxy (round robin over every replica, like every node's proxy in front of
+a Service): one HAProxy carries about 9,000 sockets under this machine's 20,000-descriptor
+hard limit, which even root cannot raise here.
 
 Every loop is bounded by a count and a deadline; only processes started here are stopped.
 """
@@ -47,7 +49,7 @@ import httpx
 
 from chorus.client import Message, NotConnected, Presence, Reconnect, Room, SendUnconfirmed, connect
 from chorus.client.errors import ChorusError
-from chorus.devcluster import PROXY_MAXCONN, LocalCluster
+from chorus.devcluster import LocalCluster
 
 from .bench_storm import _cpu_seconds
 
@@ -162,8 +164,9 @@ class Fleet:
     async def start_generators(self) -> None:
         per = self.args.sockets // self.args.generators
         for j in range(self.args.generators):
+            url = self.cluster.proxy_ws_url(j % len(self.cluster.proxies))
             argv = [sys.executable, "-m", "loadtest.bench_roll", "--generator", str(per),
-                    "--url", self.cluster.ws_url, "--seconds", str(self.args.max_seconds),
+                    "--url", url, "--seconds", str(self.args.max_seconds),
                     "--concurrency", str(self.args.concurrency), "--tag", f"g{j}",
                     "--source", f"127.0.0.{2 + j}"]  # fmt: skip
             self.generators.append(
@@ -331,11 +334,9 @@ async def scenario(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             "CHORUS_REBALANCE_TOLERANCE": str(TOLERANCE),
         }
     # Four port slots: three serving, one for the surge (a roll's new replica); a scale-out
-    # starts on two and brings up the third. The proxy carries every socket twice over (old
-    # and new connections overlap in a storm).
-    with LocalCluster(
-        4, env=env, proxy_maxconn=max(PROXY_MAXCONN, 2 * (args.sockets + args.members))
-    ) as cluster:
+    # starts on two and brings up the third. One HAProxy per generator (each carries at most
+    # PROXY_MAXCONN under the 20,000 descriptor limit), every one balancing over every replica.
+    with LocalCluster(4, env=env, proxies=args.generators) as cluster:
         cluster.stop_replica(3)
         if kind == "scale-out":
             cluster.stop_replica(2)

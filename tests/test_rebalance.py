@@ -48,9 +48,10 @@ def test_sockets_on_their_way_count_in_the_mean() -> None:
 
 
 def test_a_replica_at_the_mean_keeps_refusing_until_the_fleet_is_balanced() -> None:
-    fleet = [load("a", 201), load("b", 260), load("c", 139)]
-    assert excess(201, fleet, 0.1) == 0
+    fleet = [load("a", 200), load("b", 260), load("c", 140)]
+    assert excess(200, fleet, 0.1) == 0
     assert refuses(fleet[0], fleet, 0.1, 30), "or b's shed sockets land on a"
+    assert not refuses(fleet[2], fleet, 0.1, 30)
 
 
 class _Broker:

@@ -97,9 +97,11 @@ def refuses(mine: Load, fleet: list[Load], tolerance: float, settle: float, *, m
     if len(fleet) < 2 or not mine.ready or not settled(fleet, settle):
         return False
     mean = _mean(fleet, missing)
-    if _balanced(fleet, mean, tolerance) or mine.sockets <= mean:
+    # A process takes a socket while one more keeps it at or below the mean: one that stopped
+    # at the mean and took the sockets still on their way cost 1.27x the minimum moves.
+    if _balanced(fleet, mean, tolerance) or mine.sockets + 1 <= mean:
         return False
-    return any(load.process != mine.process and load.ready and load.sockets < mean for load in fleet)
+    return any(load.process != mine.process and load.ready and load.sockets + 1 <= mean for load in fleet)
 
 
 def missing_allowed(peak: int, processes: int, rate: float) -> float:
