@@ -336,7 +336,7 @@ async def scenario(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     # Four port slots: three serving, one for the surge (a roll's new replica); a scale-out
     # starts on two and brings up the third. One HAProxy per generator (each carries at most
     # PROXY_MAXCONN under the 20,000 descriptor limit), every one balancing over every replica.
-    with LocalCluster(4, env=env, proxies=args.generators) as cluster:
+    with LocalCluster(4, env=env, proxies=args.generators, proxy_retry_503=args.proxy_retry_503) as cluster:
         cluster.stop_replica(3)
         if kind == "scale-out":
             cluster.stop_replica(2)
@@ -344,6 +344,7 @@ async def scenario(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         fleet = Fleet(cluster, args)
         expected = args.sockets // args.generators * args.generators + args.members
         result: dict[str, Any] = {"scenario": kind, "env": env, "sockets": expected}
+        result["proxy_retries_503"] = args.proxy_retry_503
         sampling = asyncio.create_task(fleet.sampler())
         stop = asyncio.Event()
         async with AsyncExitStack() as stack:
@@ -527,6 +528,9 @@ def parse() -> argparse.Namespace:
     )
     parser.add_argument(
         "--rebalance-rate", type=float, default=100.0, help="CHORUS_REBALANCE_RATE (scale-out)"
+    )
+    parser.add_argument(
+        "--proxy-retry-503", action="store_true", help="HAProxy sends a refused handshake to the next replica"
     )
     parser.add_argument("--baseline", type=float, default=20.0, help="seconds of steady state before")
     parser.add_argument("--after", type=float, default=10.0, help="seconds after everyone is back")

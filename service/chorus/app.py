@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tolerance=settings.rebalance_tolerance,
         rate=settings.rebalance_rate,
         settle=settings.rebalance_settle_seconds,
+        refuse=settings.rebalance_refuse,
     )
     runtime = Runtime(
         settings,

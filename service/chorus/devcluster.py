@@ -311,7 +311,14 @@ backend replicas
     balance roundrobin
     option httpchk GET /readyz
     default-server inter 500ms fall 2 rise 1
-{servers}
+{retry}{servers}
+"""
+# An L7 balancer may send a refused handshake to the next replica itself (nginx calls it
+# `proxy_next_upstream http_503`): a replica that drains or rebalances then costs the client
+# no Retry-After wait. Off by default: a Kubernetes Service (kube-proxy) is L4 and cannot.
+RETRY_ON_503 = """\
+    retry-on conn-failure empty-response 503
+    option redispatch 1
 """
 
 
@@ -330,12 +337,14 @@ class LocalCluster:
         launch: Callable[[int, int], tuple[Sequence[str], dict[str, str]]] | None = None,
         proxy_maxconn: int = PROXY_MAXCONN,
         proxies: int = 1,
+        proxy_retry_503: bool = False,
     ) -> None:
         # `launch(index, port)` gives a replica's argv and env overrides instead of the default
         # `chorus serve` (the chart contract test runs the Deployment's own command this way).
         self.launch = launch
         self.proxy_maxconn = proxy_maxconn
         self.proxy_count = proxies
+        self.proxy_retry_503 = proxy_retry_503
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="chorus-cluster-"))
         self.port = port or free_port()
         self._own_redis = redis is None
@@ -451,8 +460,11 @@ class LocalCluster:
         config = self._proxy_file(index, "cfg")
         stats = self._proxy_file(index, "sock")
         port = self.proxy_ports[index]
+        retry = RETRY_ON_503 if self.proxy_retry_503 else ""
         config.write_text(
-            HAPROXY_CONFIG.format(port=port, servers=servers, stats=stats, maxconn=self.proxy_maxconn)
+            HAPROXY_CONFIG.format(
+                port=port, servers=servers, stats=stats, maxconn=self.proxy_maxconn, retry=retry
+            )
         )
         proxy = Process(
             "haproxy", [find_binary("haproxy"), "-f", str(config)], self._proxy_file(index, "log")

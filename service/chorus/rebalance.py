@@ -123,6 +123,7 @@ class Rebalancer:
         tolerance: float,
         rate: float,
         settle: float,
+        refuse: bool = True,
     ) -> None:
         self._broker = broker
         self._hub = hub
@@ -132,6 +133,7 @@ class Rebalancer:
         self.tolerance = tolerance
         self.rate = rate
         self.settle = settle
+        self.refuse = refuse
         self._ready_since: float | None = None
         self._refuse_until = 0.0  # time.monotonic() until which handshakes are refused
         self._peak = 0  # the fleet's largest total since it went out of balance
@@ -197,7 +199,8 @@ class Rebalancer:
         in_flight = self._in_flight(fleet)
         missing = in_flight or 0
         if (
-            in_flight is None
+            not self.refuse
+            or in_flight is None
             or self.rate <= 0
             or not refuses(load, fleet, self.tolerance, self.settle, missing=missing)
         ):
