@@ -104,6 +104,7 @@ def _progress(rooms: list[Room], failed: int, joined: bool) -> dict[str, Any]:
         "failed": failed,
         "joined": joined,
         "connected": sum(room.connected for room in rooms),
+        "ended": sum(room.ended for room in rooms),  # rooms that gave up: they never come back
         "connects": sum(room.stats.connects for room in rooms),
         "closes_1012": sum(room.stats.close_codes[1012] for room in rooms),
         "closes_1006": sum(room.stats.close_codes[1006] for room in rooms),
@@ -184,7 +185,7 @@ class Fleet:
             self.progress[j] = json.loads(line)
 
     def totals(self) -> dict[str, int]:
-        keys = ("rooms", "failed", "connected", "connects", "closes_1012", "closes_1006",
+        keys = ("rooms", "failed", "connected", "ended", "connects", "closes_1012", "closes_1006",
                 "refused_503", "unreachable", "resumes")  # fmt: skip
         total = {k: sum(int(p.get(k, 0)) for p in self.progress) for k in keys}
         total["connected"] += sum(m.connected for m in self.members)

@@ -339,6 +339,7 @@ async def test_close_codes_reconnecting_cannot_fix_end_the_room(code: int) -> No
             await room.send("after the end")
     assert ended.value.code == code and code in FATAL_CLOSE_CODES
     assert room.stats.connects == 1 and room.stats.close_codes == {code: 1}
+    assert room.ended and not room.connected
 
 
 @pytest.mark.parametrize("code", [1000, 1001, 1006, 1011, 1012, 1013])

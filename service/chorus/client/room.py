@@ -109,6 +109,11 @@ class Room:
         """True while a socket is open and welcomed (False while reconnecting)."""
         return self._live.is_set()
 
+    @property
+    def ended(self) -> bool:
+        """True once the room has ended: it will not reconnect, and iteration and sends raise."""
+        return self._done is not None
+
     # -- the caller's side ------------------------------------------------------------------
 
     async def send(self, text: str, client_id: str | None = None) -> Ack:
