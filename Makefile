@@ -56,7 +56,7 @@ bench-cluster: system-deps test-deps ## Chorus on Redis Cluster, 1 shard vs 3 (a
 	$(BIN)/python -m loadtest.bench_cluster --out loadtest/results $(BENCH_ARGS)
 
 .PHONY: bench-storm
-bench-storm: system-deps test-deps ## Storms (issue 12): join waves, Redis commands per join, then a rolling restart and a crash of 3 replicas under 8,800 sockets and a live room (JSON + PNG in loadtest/results/)
+bench-storm: system-deps test-deps ## Storms (issue 12): join waves, Redis commands per join, then a rolling restart, a crash and a 2 -> 3 scale-out under 10,000 sockets and a live room (JSON + PNG in loadtest/results/)
 	ulimit -n $$(ulimit -Hn) && $(BIN)/python -m loadtest.bench_storm --out loadtest/results $(BENCH_ARGS)
 	ulimit -n $$(ulimit -Hn) && $(BIN)/python -m loadtest.bench_roll --out loadtest/results $(ROLL_ARGS)
 

@@ -1,6 +1,7 @@
-"""Movement storms at scale (issue 12 item 4): a rolling restart and a crash under a live room.
+"""Movement storms at scale (issue 12 item 4): a rolling restart, a crash and a scale-out under a live room.
 
-    python -m loadtest.bench_roll [--sockets 8800] [--members 100] [--rate 10] [--drain 10] [--out DIR]
+    python -m loadtest.bench_roll [--scenario roll|crash|scale-out ...] [--sockets 9900]
+        [--members 100] [--rate 10] [--drain 10] [--out DIR]
 
 Both scenarios run the same fleet: 3 replicas behind the local cluster's HAProxy (round robin,
 no affinity), `--sockets` idle `chorus.client` rooms held by generator processes (so their
@@ -14,6 +15,14 @@ connects and 1012 closes the clients saw.
 * roll: a Deployment with maxSurge 1 / maxUnavailable 0. For each old replica: start the new one
   (a fourth port slot), wait ready and proxied, SIGTERM the old one (drain window `--drain`).
 * crash: SIGKILL the replica holding the most sockets; no replacement.
+* scale-out: the sockets join 2 replicas, then a third starts; time until every replica is
+  within 10 % of the mean after it is ready, and the 1012 moves against the minimum (what the
+  two held above the mean). `--settle` and `--rebalance-rate` set the rebalancing for the run.
+
+Each generator process binds its own loopback source address (127.0.0.2, .3, ...) and goes
+through its own HAProxy (round robin over every replica, like every node's proxy in front of
+a Service): one HAProxy carries about 9,000 sockets under this machine's 20,000-descriptor
+hard limit, which even root cannot raise here.
 
 Every loop is bounded by a count and a deadline; only processes started here are stopped.
 """
@@ -44,15 +53,13 @@ from chorus.devcluster import LocalCluster
 
 from .bench_storm import _cpu_seconds
 
-# HAProxy in the local cluster has `maxconn 9000` and needs two descriptors per proxied socket
-# under the 20,000 hard limit, so about 9,000 sockets is what one proxy carries here.
-PROXY_CAP = 9000
+TOLERANCE = 0.1  # CHORUS_REBALANCE_TOLERANCE for the scale-out, and its convergence test
 SAMPLE_S = 0.5
 POLICY = Reconnect(base=0.5, cap=5.0)
 
 
 # -- generator process: idle resuming sockets, progress as JSON lines --------------------------
-async def generator(url: str, count: int, seconds: float, concurrency: int, tag: str) -> None:
+async def generator(url: str, count: int, seconds: float, concurrency: int, tag: str, source: str) -> None:
     """Hold `count` chorus.client rooms through `url` for at most `seconds`; print progress lines."""
     rooms: list[Room] = []
     failed = 0
@@ -66,7 +73,7 @@ async def generator(url: str, count: int, seconds: float, concurrency: int, tag:
                 try:
                     room = await stack.enter_async_context(
                         connect(url, f"idle-{i % 100}", username=f"{tag}-{i}", history=0,
-                                reconnect=POLICY, receive=False, open_timeout=30)
+                                reconnect=POLICY, receive=False, open_timeout=30, local_addr=(source, 0))
                     )  # fmt: skip
                 except (ChorusError, TimeoutError, OSError):
                     failed += 1
@@ -97,6 +104,7 @@ def _progress(rooms: list[Room], failed: int, joined: bool) -> dict[str, Any]:
         "failed": failed,
         "joined": joined,
         "connected": sum(room.connected for room in rooms),
+        "ended": sum(room.ended for room in rooms),  # rooms that gave up: they never come back
         "connects": sum(room.stats.connects for room in rooms),
         "closes_1012": sum(room.stats.close_codes[1012] for room in rooms),
         "closes_1006": sum(room.stats.close_codes[1006] for room in rooms),
@@ -157,9 +165,11 @@ class Fleet:
     async def start_generators(self) -> None:
         per = self.args.sockets // self.args.generators
         for j in range(self.args.generators):
+            url = self.cluster.proxy_ws_url(j % len(self.cluster.proxies))
             argv = [sys.executable, "-m", "loadtest.bench_roll", "--generator", str(per),
-                    "--url", self.cluster.ws_url, "--seconds", str(self.args.max_seconds),
-                    "--concurrency", str(self.args.concurrency), "--tag", f"g{j}"]  # fmt: skip
+                    "--url", url, "--seconds", str(self.args.max_seconds),
+                    "--concurrency", str(self.args.concurrency), "--tag", f"g{j}",
+                    "--source", f"127.0.0.{2 + j}"]  # fmt: skip
             self.generators.append(
                 await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
@@ -175,7 +185,7 @@ class Fleet:
             self.progress[j] = json.loads(line)
 
     def totals(self) -> dict[str, int]:
-        keys = ("rooms", "failed", "connected", "connects", "closes_1012", "closes_1006",
+        keys = ("rooms", "failed", "connected", "ended", "connects", "closes_1012", "closes_1006",
                 "refused_503", "unreachable", "resumes")  # fmt: skip
         total = {k: sum(int(p.get(k, 0)) for p in self.progress) for k in keys}
         total["connected"] += sum(m.connected for m in self.members)
@@ -318,13 +328,24 @@ async def scenario(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         "CHORUS_DRAIN_SECONDS": str(args.drain),
         **dict(kv.split("=", 1) for kv in args.env),
     }
-    # Four port slots: three serving, one for the surge (a roll's new replica).
-    with LocalCluster(4, env=env) as cluster:
+    if kind == "scale-out":
+        env |= {
+            "CHORUS_REBALANCE_SETTLE_SECONDS": str(args.settle),
+            "CHORUS_REBALANCE_RATE": str(args.rebalance_rate),
+            "CHORUS_REBALANCE_TOLERANCE": str(TOLERANCE),
+        }
+    # Four port slots: three serving, one for the surge (a roll's new replica); a scale-out
+    # starts on two and brings up the third. One HAProxy per generator (each carries at most
+    # PROXY_MAXCONN under the 20,000 descriptor limit), every one balancing over every replica.
+    with LocalCluster(4, env=env, proxies=args.generators, proxy_retry_503=args.proxy_retry_503) as cluster:
         cluster.stop_replica(3)
-        cluster.wait_proxy_sees(3)
+        if kind == "scale-out":
+            cluster.stop_replica(2)
+        cluster.wait_proxy_sees(2 if kind == "scale-out" else 3)
         fleet = Fleet(cluster, args)
         expected = args.sockets // args.generators * args.generators + args.members
         result: dict[str, Any] = {"scenario": kind, "env": env, "sockets": expected}
+        result["proxy_retries_503"] = args.proxy_retry_503
         sampling = asyncio.create_task(fleet.sampler())
         stop = asyncio.Event()
         async with AsyncExitStack() as stack:
@@ -363,6 +384,8 @@ async def scenario(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                         }
                     )
                     fleet.mark(f"step {step}: old exited after {exited}s, all back {back}s later")
+            elif kind == "scale-out":
+                steps.append(await _scale_out(fleet, expected))
             else:
                 counts = [s.get("sockets", 0) for s in fleet.samples[-1]["replicas"][:3]]
                 victim = counts.index(max(counts))
@@ -438,6 +461,41 @@ async def scenario(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+async def _scale_out(fleet: Fleet, expected: int) -> dict[str, Any]:
+    """Start the third replica; time until every replica is within TOLERANCE of the mean, moves."""
+    cluster = fleet.cluster
+    before = [fleet.samples[-1]["replicas"][i].get("sockets", 0) for i in range(2)]
+    closes_before = fleet.totals()["closes_1012"]
+    fleet.mark("start replica 2")
+    await asyncio.to_thread(cluster.start_replica, 2)
+    ready, ready_at = time.monotonic(), time.time()
+    fleet.mark("replica 2 ready and proxied")
+    converged: float | None = None
+    counts: list[int] = []
+    while time.monotonic() - ready < 240:
+        await asyncio.sleep(SAMPLE_S)
+        latest = fleet.samples[-1]
+        if latest["t"] <= ready_at:
+            continue
+        counts = [latest["replicas"][i].get("sockets", 0) for i in range(3)]
+        mean = expected / 3
+        if fleet.totals()["connected"] >= expected and max(abs(c - mean) for c in counts) <= TOLERANCE * mean:
+            converged = round(time.monotonic() - ready, 1)
+            break
+    fleet.mark(f"converged {converged}s after ready: {counts}")
+    await asyncio.sleep(5)  # any last moves (a beat in progress) are counted too
+    moves = fleet.totals()["closes_1012"] - closes_before
+    minimum = sum(max(0.0, c - expected / 3) for c in before)
+    return {
+        "before": before,
+        "converged_s_after_ready": converged,
+        "counts_at_convergence": counts,
+        "moves": moves,
+        "minimum_moves": round(minimum),
+        "moves_over_minimum": round(moves / minimum, 2) if minimum else None,
+    }
+
+
 def _latency_series(fleet: Fleet, sent_at: dict[str, float], t_base: float) -> list[dict[str, Any]]:
     """p50/p99 per second of send time, over every member's deliveries."""
     buckets: dict[int, list[float]] = {}
@@ -458,14 +516,23 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", action="append", choices=["roll", "crash"], default=[])
+    parser.add_argument("--scenario", action="append", choices=["roll", "crash", "scale-out"], default=[])
     parser.add_argument(
-        "--sockets", type=int, default=8800, help=f"idle sockets (one proxy carries ~{PROXY_CAP})"
+        "--sockets", type=int, default=9900, help="idle sockets (the live room's members come on top)"
     )
-    parser.add_argument("--generators", type=int, default=2)
+    parser.add_argument("--generators", type=int, default=3, help="processes, one loopback source each")
     parser.add_argument("--members", type=int, default=100, help="live-room members (resuming, counted)")
     parser.add_argument("--rate", type=float, default=10.0, help="live-room messages per second")
     parser.add_argument("--drain", type=float, default=10.0, help="CHORUS_DRAIN_SECONDS")
+    parser.add_argument(
+        "--settle", type=float, default=5.0, help="CHORUS_REBALANCE_SETTLE_SECONDS (scale-out)"
+    )
+    parser.add_argument(
+        "--rebalance-rate", type=float, default=100.0, help="CHORUS_REBALANCE_RATE (scale-out)"
+    )
+    parser.add_argument(
+        "--proxy-retry-503", action="store_true", help="HAProxy sends a refused handshake to the next replica"
+    )
     parser.add_argument("--baseline", type=float, default=20.0, help="seconds of steady state before")
     parser.add_argument("--after", type=float, default=10.0, help="seconds after everyone is back")
     parser.add_argument("--concurrency", type=int, default=100)
@@ -476,8 +543,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--url", default="", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=600.0, help=argparse.SUPPRESS)
     parser.add_argument("--tag", default="g", help=argparse.SUPPRESS)
+    parser.add_argument("--source", default="127.0.0.2", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.scenario = args.scenario or ["roll", "crash"]
+    args.scenario = args.scenario or ["roll", "crash", "scale-out"]
     return args
 
 
@@ -486,7 +554,9 @@ if __name__ == "__main__":
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.generator:
-        asyncio.run(generator(args.url, args.generator, args.seconds, args.concurrency, args.tag))
+        asyncio.run(
+            generator(args.url, args.generator, args.seconds, args.concurrency, args.tag, args.source)
+        )
         os._exit(0)  # the rooms' sockets die with the process; no goodbye wave
     result = asyncio.run(main(args))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """`make bench-storm`: join waves against the local cluster (issue 12), bounded in count and time.
 
-    python -m loadtest.bench_storm [--joins 2000] [--separate 2000] [--concurrency 200] [--out DIR]
+    python -m loadtest.bench_storm [--joins 2000] [--separate 2000] [--concurrency 200] [--history 0]
+        [--rounds 1] [--compare-with /work/main/service] [--scale-out 600] [--out DIR]
 
 1. one room: `--joins` sockets open into one room on one replica, at most `--concurrency`
    handshakes in flight; joins/s is sockets welcomed over the wall time of the wave. Every
@@ -10,8 +11,11 @@
 
 Sockets come from 127.0.0.2.. (a source address per 20,000 sockets) so ephemeral ports do
 not cap them. `--hold` holds idle sockets on 2 replicas while a live room publishes;
-`--scale-out` runs 2 -> 3 replicas. The rolling restart and the crash are in bench_roll.py;
-tests/test_storm.py runs all of them at small scale.
+`--scale-out` runs 2 -> 3 replicas in this process (bench_roll.py's `scale-out` does it at
+10,000 with generator processes). `--compare-with DIR` runs the waves and the scale-out with
+the replicas from another tree too (PYTHONPATH; rounds alternate), for a before/after in one
+run. The rolling restart and the crash are in bench_roll.py; tests/test_storm.py runs all of
+them at small scale.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ async def _drain(ws: ClientConnection, frames: list[int]) -> None:
         frames[0] += 1
 
 
-async def wave(base: str, rooms: list[str], concurrency: int) -> dict[str, Any]:
+async def wave(base: str, rooms: list[str], concurrency: int, history: int = 0) -> dict[str, Any]:
     """Open one socket per entry of `rooms`; joins/s and the presence frames read meanwhile."""
     stop = asyncio.Event()
     welcomed: list[float] = []
@@ -70,7 +74,7 @@ async def wave(base: str, rooms: list[str], concurrency: int) -> dict[str, Any]:
     start = time.monotonic()
     tasks = [
         asyncio.create_task(
-            _member(f"{base}/ws/{room}?username=u{i}&history=0", slots, stop, welcomed, frames)
+            _member(f"{base}/ws/{room}?username=u{i}&history={history}", slots, stop, welcomed, frames)
         )
         for i, room in enumerate(rooms)
     ]
@@ -98,8 +102,11 @@ def _sockets(cluster: LocalCluster, index: int) -> int:
     return 0
 
 
-async def scale_out(count: int, tolerance: float, rate: float) -> dict[str, Any]:
-    """2 -> 3 replicas under `count` chorus.client sockets: time to converge, moves vs minimum."""
+async def scale_out(count: int, tolerance: float, rate: float, pythonpath: str = "") -> dict[str, Any]:
+    """2 -> 3 replicas under `count` chorus.client sockets: time to converge, moves vs minimum.
+
+    `pythonpath` runs the replicas from another tree (say main's `service/`) for a before/after.
+    """
     env = {
         "CHORUS_MAX_CONNECTIONS": "0",
         "CHORUS_MAX_CONNECTIONS_PER_USER": "0",
@@ -108,6 +115,7 @@ async def scale_out(count: int, tolerance: float, rate: float) -> dict[str, Any]
         "CHORUS_REBALANCE_SETTLE_SECONDS": "2",
         "CHORUS_REBALANCE_TOLERANCE": str(tolerance),
         "CHORUS_REBALANCE_RATE": str(rate),
+        **({"PYTHONPATH": pythonpath} if pythonpath else {}),
     }
     with LocalCluster(3, env=env) as cluster:
         cluster.stop_replica(2)
@@ -144,9 +152,12 @@ async def scale_out(count: int, tolerance: float, rate: float) -> dict[str, Any]
                     break
                 await asyncio.sleep(0.5)
             moves = sum(room.stats.close_codes[1012] for room in rooms)
+            refused = sum(room.stats.refused[503] for room in rooms)
         minimum = sum(max(0, c - count / 3) for c in before)
     return {
+        "replicas_from": pythonpath or "this tree",
         "sockets": count,
+        "refused_503_seen_by_clients": refused,
         "before": before,
         "converged_s_after_ready": None if converged_at is None else round(converged_at, 1),
         "moves": moves,
@@ -287,11 +298,16 @@ async def hold(count: int, idle: float, concurrency: int) -> dict[str, Any]:
 
 
 def commandstats(cluster: LocalCluster) -> dict[str, int]:
+    """Calls per command, and `reads`: the read events Redis served (about one per round trip:
+    a pipeline's commands arrive in one read)."""
     stats: dict[str, int] = {}
     for line in cluster.redis.cli("INFO", "commandstats").splitlines():
         if line.startswith("cmdstat_"):
             name, _, rest = line.partition(":")
             stats[name[len("cmdstat_") :]] = int(rest.split(",")[0].split("=")[1])
+    for line in cluster.redis.cli("INFO", "stats").splitlines():
+        if line.startswith("total_reads_processed:"):
+            stats["reads"] = int(line.split(":")[1])
     return stats
 
 
@@ -301,7 +317,9 @@ def quiet(cluster: LocalCluster) -> dict[str, int]:
     for _ in range(30):
         time.sleep(1.0)
         now = commandstats(cluster)
-        busy = {k: v - last.get(k, 0) for k, v in now.items() if k not in ("info", "ping", "publish")}
+        busy = {
+            k: v - last.get(k, 0) for k, v in now.items() if k not in ("info", "ping", "publish", "reads")
+        }
         if not any(busy.values()):
             return now
         last = now
@@ -320,19 +338,41 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         **dict(kv.split("=", 1) for kv in args.env),
     }
     report: dict[str, Any] = {"env": env}
+    if args.joins or args.separate:
+        # Rounds alternate the trees, so a noisy machine treats them alike.
+        for round_ in range(args.rounds):
+            for tree in args.compare_with:
+                report[f"waves_{Path(tree).parent.name}_{round_}"] = await waves(
+                    args, env | {"PYTHONPATH": tree}
+                )
+            report[f"waves_{round_}"] = await waves(args, env) | {"replicas_from": "this tree"}
+    if args.scale_out:
+        for tree in args.compare_with:
+            report[f"scale_out_{Path(tree).parent.name}"] = await scale_out(
+                args.scale_out, tolerance=0.1, rate=args.rebalance_rate, pythonpath=tree
+            )
+        report["scale_out"] = await scale_out(args.scale_out, tolerance=0.1, rate=args.rebalance_rate)
+    return report
+
+
+async def waves(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    """The join waves on one replica, and Redis commands per join."""
+    report: dict[str, Any] = {}
+    # Admission would shed what the wave puts in flight beyond its bound (64 by default) with
+    # 503s the raw sockets here do not retry: the waves measure joins, not the shedding.
+    env = {"CHORUS_MAX_PENDING_HANDSHAKES": str(args.concurrency)} | env
     with LocalCluster(1, env=env) as cluster:
         base = cluster.replica_ws_url(0)
-        report["one_room"] = await wave(base, ["big"] * args.joins, args.concurrency)
+        report["one_room"] = await wave(base, ["big"] * args.joins, args.concurrency, args.history)
         emptied = lambda: cluster.redis.cli("HLEN", "chorus:online:{big}") in ("0", "")  # noqa: E731
         wait_until(emptied, 30, "the room to empty")
-        report["separate_rooms"] = await wave(base, [f"r{i}" for i in range(args.separate)], args.concurrency)
+        rooms = [f"r{i}" for i in range(args.separate)]
+        report["separate_rooms"] = await wave(base, rooms, args.concurrency, args.history)
         before = quiet(cluster)
-        await wave(base, [f"c{i}" for i in range(200)], args.concurrency)
+        await wave(base, [f"c{i}" for i in range(200)], args.concurrency, args.history)
         after = quiet(cluster)
         per_join = {k: round((after.get(k, 0) - before.get(k, 0)) / 200, 2) for k in after}
         report["redis_commands_per_join_and_leave"] = {k: v for k, v in per_join.items() if v > 0}
-    if args.scale_out:
-        report["scale_out"] = await scale_out(args.scale_out, tolerance=0.1, rate=args.rebalance_rate)
     return report
 
 
@@ -342,9 +382,19 @@ if __name__ == "__main__":
     parser.add_argument("--separate", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument(
+        "--history", type=int, default=0, help="messages each join asks for (server default 20)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="join-wave rounds (with --compare-with, alternating)"
+    )
+    parser.add_argument(
         "--scale-out", type=int, default=600, help="sockets for the 2 -> 3 scale-out (0: skip)"
     )
     parser.add_argument("--rebalance-rate", type=float, default=20.0)
+    parser.add_argument(
+        "--compare-with", action="append", default=[], metavar="DIR",
+        help="also run the waves and the scale-out with the replicas from DIR (PYTHONPATH, say main)",
+    )  # fmt: skip
     parser.add_argument("--hold", type=int, default=0, help="only the hold: sockets on 2 replicas")
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--generator", type=int, default=0, help=argparse.SUPPRESS)

@@ -13,12 +13,15 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jwt
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosedError
 
+import chorus.client.room as room_module
 from chorus.client import (
     FATAL_CLOSE_CODES,
     Ack,
@@ -336,6 +339,7 @@ async def test_close_codes_reconnecting_cannot_fix_end_the_room(code: int) -> No
             await room.send("after the end")
     assert ended.value.code == code and code in FATAL_CLOSE_CODES
     assert room.stats.connects == 1 and room.stats.close_codes == {code: 1}
+    assert room.ended and not room.connected
 
 
 @pytest.mark.parametrize("code", [1000, 1001, 1006, 1011, 1012, 1013])
@@ -564,3 +568,28 @@ async def refusing_front(
         server.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 5)
+
+
+async def test_a_connection_lost_during_the_opening_handshake_is_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from websockets.asyncio.client import connect as real_connect
+
+    calls = 0
+
+    def flaky_connect(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first reconnect loses its connection before the request went out
+            raise ConnectionClosedError(None, None)
+        return real_connect(*args, **kwargs)
+
+    async def script(ws: ServerConnection, n: int) -> None:
+        await ws.close(1012 if n == 0 else 4001)
+
+    monkeypatch.setattr(room_module, "ws_connect", flaky_connect)
+    async with scripted(script) as url, connect(url, "r", reconnect=FAST) as room:
+        with pytest.raises(Disconnected) as ended:
+            await next_of(room, Message)
+    assert ended.value.code == 4001, "the room went on to the next socket"
+    assert room.stats.unreachable == 1 and room.stats.connects == 2

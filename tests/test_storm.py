@@ -196,3 +196,5 @@ async def test_a_scale_out_rebalances_and_loses_nothing(make_cluster: Callable[.
     texts = [await metrics_text(cluster.replica_url(i)) for i in range(2)]
     closes = [metric_value(text, "chorus_rebalance_closes_total") for text in texts]
     assert sum(closes) > 0, "the old replicas counted their rebalance closes"
+    refused = [metric_value(text, 'chorus_rejections_total{reason="rebalance"}') for text in texts]
+    assert sum(refused) > 0, "while shedding, the old replicas sent reconnects on to the new one"

@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tolerance=settings.rebalance_tolerance,
         rate=settings.rebalance_rate,
         settle=settings.rebalance_settle_seconds,
+        refuse=settings.rebalance_refuse,
     )
     keepalive = Keepalive(settings.ping_interval_seconds, settings.ping_timeout_seconds)
     deadlines = Deadlines()
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keepalive,
         deadlines,
         tag_prefix=tag_prefix,
+        rebalancer=rebalancer,
     )
 
     @asynccontextmanager

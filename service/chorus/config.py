@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     rebalance_tolerance: float = Field(0.1, ge=0, le=10)
     rebalance_rate: float = Field(20.0, ge=0, le=100_000)
     rebalance_settle_seconds: float = Field(30.0, ge=0, le=3600)
+    # -- While the fleet is out of balance, processes above the mean refuse handshakes (503
+    # `rebalance`) so reconnects land below it: 1.00x the minimum moves at 10,000 sockets
+    # against 2.7x, but with an L4 round robin a moved client retries until it lands there
+    # (live-room p99 9.6 s during a 2 -> 3 scale-out). Off: moves land anywhere, as before.
+    rebalance_refuse: bool = True
     # -- Handshakes doing Redis work at once (upgrade to welcome); beyond it: 503 + Retry-After.
     # Measured (bench-storm hold): ~150 in flight per replica made joins time out on the 32
     # Redis slots (1011 broker unavailable); ~75 lost 2 of 20,000.

@@ -286,9 +286,14 @@ class RedisCluster:
                 node.process.stop()
 
 
+# HAProxy holds two descriptors per proxied socket and sizes its descriptor limit from
+# `maxconn`; it refuses to start when it cannot raise the limit that far. 9,000 fit a 20,000
+# hard limit (this machine's, not raisable even as root), so a storm of 10,000 and more runs
+# `proxies` HAProxy processes side by side, as a Service is served by every node's proxy.
+PROXY_MAXCONN = 9000
 HAPROXY_CONFIG = """\
 global
-    maxconn 9000
+    maxconn {maxconn}
     stats socket {stats}
 defaults
     mode http
@@ -306,7 +311,14 @@ backend replicas
     balance roundrobin
     option httpchk GET /readyz
     default-server inter 500ms fall 2 rise 1
-{servers}
+{retry}{servers}
+"""
+# An L7 balancer may send a refused handshake to the next replica itself (nginx calls it
+# `proxy_next_upstream http_503`): a replica that drains or rebalances then costs the client
+# no Retry-After wait. Off by default: a Kubernetes Service (kube-proxy) is L4 and cannot.
+RETRY_ON_503 = """\
+    retry-on conn-failure empty-response 503
+    option redispatch 1
 """
 
 
@@ -323,10 +335,16 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         workdir: Path | None = None,
         launch: Callable[[int, int], tuple[Sequence[str], dict[str, str]]] | None = None,
+        proxy_maxconn: int = PROXY_MAXCONN,
+        proxies: int = 1,
+        proxy_retry_503: bool = False,
     ) -> None:
         # `launch(index, port)` gives a replica's argv and env overrides instead of the default
         # `chorus serve` (the chart contract test runs the Deployment's own command this way).
         self.launch = launch
+        self.proxy_maxconn = proxy_maxconn
+        self.proxy_count = proxies
+        self.proxy_retry_503 = proxy_retry_503
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="chorus-cluster-"))
         self.port = port or free_port()
         self._own_redis = redis is None
@@ -335,7 +353,8 @@ class LocalCluster:
         self.env = env or {}
         self.replica_ports = [free_port() for _ in range(replicas)]
         self.replicas: list[Process] = []
-        self.proxy: Process | None = None
+        self.proxies: list[Process] = []
+        self.proxy_ports = [self.port] + [free_port() for _ in range(proxies - 1)]
 
     @property
     def url(self) -> str:
@@ -344,6 +363,14 @@ class LocalCluster:
     @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def proxy(self) -> Process | None:
+        """The first proxy (the one `url` and `ws_url` name)."""
+        return self.proxies[0] if self.proxies else None
+
+    def proxy_ws_url(self, index: int) -> str:
+        return f"ws://127.0.0.1:{self.proxy_ports[index]}"
 
     def replica_url(self, index: int) -> str:
         return f"http://127.0.0.1:{self.replica_ports[index]}"
@@ -390,7 +417,8 @@ class LocalCluster:
             if wait_ready:
                 for index in range(len(self.replicas)):
                     self.wait_ready(index)
-            self._start_proxy()
+            for index in range(self.proxy_count):
+                self._start_proxy(index)
             if wait_ready:
                 self.wait_proxy_sees(len(self.replicas))
         except BaseException:
@@ -398,12 +426,12 @@ class LocalCluster:
             raise
         return self
 
-    def proxy_servers_up(self) -> int:
-        """How many replicas HAProxy's health checks currently count as up."""
+    def proxy_servers_up(self, index: int = 0) -> int:
+        """How many replicas the health checks of HAProxy `index` currently count as up."""
         try:
             with socket.socket(socket.AF_UNIX) as sock:
                 sock.settimeout(2)
-                sock.connect(str(self.workdir / "haproxy.sock"))
+                sock.connect(str(self._proxy_file(index, "sock")))
                 sock.sendall(b"show stat\n")
                 data = b""
                 while chunk := sock.recv(65536):
@@ -416,28 +444,40 @@ class LocalCluster:
         return sum(1 for row in rows if row[17].startswith("UP"))
 
     def wait_proxy_sees(self, count: int, timeout: float = 20) -> None:
-        wait_until(lambda: self.proxy_servers_up() == count, timeout, f"HAProxy to count {count} replicas up")
+        def seen() -> bool:
+            return all(self.proxy_servers_up(i) == count for i in range(len(self.proxies)))
 
-    def _start_proxy(self) -> None:
+        wait_until(seen, timeout, f"HAProxy to count {count} replicas up")
+
+    def _proxy_file(self, index: int, suffix: str) -> Path:
+        return self.workdir / (f"haproxy.{suffix}" if index == 0 else f"haproxy-{index}.{suffix}")
+
+    def _start_proxy(self, index: int) -> None:
         servers = "\n".join(
             f"    server {self.replica_name(i)} 127.0.0.1:{port} check"
             for i, port in enumerate(self.replica_ports)
         )
-        config = self.workdir / "haproxy.cfg"
-        stats = self.workdir / "haproxy.sock"
-        config.write_text(HAPROXY_CONFIG.format(port=self.port, servers=servers, stats=stats))
-        self.proxy = Process(
-            "haproxy", [find_binary("haproxy"), "-f", str(config)], self.workdir / "haproxy.log"
+        config = self._proxy_file(index, "cfg")
+        stats = self._proxy_file(index, "sock")
+        port = self.proxy_ports[index]
+        retry = RETRY_ON_503 if self.proxy_retry_503 else ""
+        config.write_text(
+            HAPROXY_CONFIG.format(
+                port=port, servers=servers, stats=stats, maxconn=self.proxy_maxconn, retry=retry
+            )
         )
-        self.proxy.start()
-        proxy = self.proxy
+        proxy = Process(
+            "haproxy", [find_binary("haproxy"), "-f", str(config)], self._proxy_file(index, "log")
+        )
+        self.proxies.append(proxy)
+        proxy.start()
 
         def listening() -> bool:
             if not proxy.alive():
                 raise HarnessError(f"haproxy exited:\n{proxy.output()[-2000:]}")
-            return _port_open(self.port)
+            return _port_open(port)
 
-        wait_until(listening, 10, f"haproxy on port {self.port}")
+        wait_until(listening, 10, f"haproxy on port {port}")
 
     def wait_ready(self, index: int, timeout: float = 30) -> None:
         replica = self.replicas[index]
@@ -470,9 +510,8 @@ class LocalCluster:
             self.wait_proxy_sees(sum(1 for replica in self.replicas if replica.alive()))
 
     def stop(self) -> None:
-        for process in [self.proxy, *self.replicas]:
-            if process is not None:
-                process.stop()
+        for process in [*self.proxies, *self.replicas]:
+            process.stop()
         if self._own_redis:
             self.redis.stop()
 

@@ -20,6 +20,7 @@ from . import metrics
 from .broker import Broker, BrokerUnavailable, Entry, Gap, Subscription
 from .connection import Coalescer, Connection, Hold
 from .history import fold
+from .joins import Backlog
 from .presence_diff import PresenceDiff
 from .protocol import (
     CLOSE_DISCONNECTED,
@@ -115,20 +116,34 @@ class Hub:
         except TimeoutError:
             raise BrokerUnavailable("the room's subscription did not become live in time") from None
 
-    async def replay(self, conn: Connection, *, since: StreamId | None, resume: bool, history: int) -> None:
+    async def replay(
+        self,
+        conn: Connection,
+        *,
+        since: StreamId | None,
+        resume: bool,
+        history: int,
+        backlog: Backlog | None = None,
+    ) -> None:
         """Queue what the client missed (or recent history), then switch it to live delivery.
 
         `resume` says the client sent `since`; `since` is None when that value was malformed.
+        `backlog` holds what the join already read (chorus.joins); the rest is read here.
         """
+        backlog = backlog or Backlog()
         entries: list[Entry] | None = None
         if resume and since is not None:
-            entries = await self.broker.read_after(conn.room, since, self.replay_limit)
+            entries = backlog.after
+            if entries is None:
+                entries = await self.broker.read_after(conn.room, since, self.replay_limit)
         if resume and entries is None:
             conn.offer(resync_frame(conn.room), force=True)
             metrics.RESYNCS.inc()
         if entries is None:
             # A join shows messages as they stand now; a resume replays the changes themselves.
-            recent = await self.broker.recent_with_changes(conn.room, history)
+            recent = backlog.recent
+            if recent is None:
+                recent = await self.broker.recent_with_changes(conn.room, history)
             frames = fold(recent)[-history:] if history > 0 else []
             floor = recent[-1].id if recent else None
         else:

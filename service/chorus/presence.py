@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from . import keys
+from .batch import Batch
 from .broker import Broker, BrokerUnavailable, RedisCommands
 from .config import Settings
 from .protocol import encode_published, presence_frame, user_key
@@ -223,19 +224,30 @@ class RedisPresence(Presence):
         return await self._commands.call(coro)
 
     async def _run_script(self, script: Any, member: Member, sender: str) -> Any:
-        room = member.room
-        room_keys = [keys.presence_entries(room), keys.online(room), keys.channel(room), keys.names(room)]
-        args = [member.entry, member.key, sender, room, member.user]
-        return await self._call(script(keys=room_keys, args=args))
+        return await self._call(script(keys=_room_keys(member.room), args=_args(member, sender)))
 
-    async def join(self, member: Member) -> int:
+    def _hold(self, member: Member) -> None:
         if member.entry not in self._local:
             self._rooms[member.room] += 1
         self._local[member.entry] = member
+
+    async def join(self, member: Member) -> int:
+        self._hold(member)
         # The room must be in the owner's set before its entry exists (reaping finds it there).
         await self._call(self._redis.sadd(keys.presence_rooms(self.owner), member.room))
         online: int = await self._run_script(self._join, member, member.entry)
         return online
+
+    def queue_join(self, batch: Batch, member: Member) -> int:
+        """`join` queued in a batch (chorus.joins); the index of its reply, the users online.
+
+        The SADD is queued first; in a Cluster the two may run on different shards in either
+        order, and a reaper that ran between them would miss the entry only if this process's
+        heartbeat had lapsed, when `_beat` joins every local member again anyway.
+        """
+        self._hold(member)
+        batch.command("SADD", keys.presence_rooms(self.owner), member.room)
+        return batch.script(self._join, _room_keys(member.room), _args(member, member.entry))
 
     async def leave(self, member: Member) -> None:
         if self._local.pop(member.entry, None) is not None:
@@ -314,9 +326,18 @@ class RedisPresence(Presence):
     async def _reap_owner(self, owner: str) -> None:
         rooms = [r.decode() for r in await self._call(self._redis.smembers(keys.presence_rooms(owner)))]
         for room in rooms:
-            room_keys = [keys.presence_entries(room), keys.online(room), keys.channel(room), keys.names(room)]
+            room_keys = _room_keys(room)
             await self._call(self._reap(keys=room_keys, args=[f"{owner}.", "-", "-", room]))
         await self._call(self._redis.delete(keys.presence_rooms(owner)))
+
+
+def _room_keys(room: str) -> list[str]:
+    # The scripts' KEYS (one hash tag: the room's shard): entries, online, channel, names.
+    return [keys.presence_entries(room), keys.online(room), keys.channel(room), keys.names(room)]
+
+
+def _args(member: Member, sender: str) -> list[str]:
+    return [member.entry, member.key, sender, member.room, member.user]
 
 
 def create_presence(settings: Settings, broker: Broker, *, owner: str) -> Presence:

@@ -121,6 +121,7 @@ REJECT_DRAINING: Final = "draining"
 REJECT_MAX_CONNECTIONS: Final = "max_connections"
 REJECT_MAX_CONNECTIONS_PER_USER: Final = "max_connections_per_user"
 REJECT_TOO_MANY_HANDSHAKES: Final = "too_many_handshakes"  # CHORUS_MAX_PENDING_HANDSHAKES
+REJECT_REBALANCE: Final = "rebalance"  # this replica sheds its excess (chorus.rebalance)
 REJECT_BINARY: Final = "binary"
 REJECT_FLOOD: Final = "flood"
 REJECT_INVALID_UTF8: Final = "invalid_utf8"

@@ -11,8 +11,19 @@ off while the fleet is changing: while any process is not ready or has been read
 than `CHORUS_REBALANCE_SETTLE_SECONDS` (a rollout's surge pod must not be filled and then
 killed), and while it drains itself.
 
-The balancer picks where each reconnect lands (round robin: it may land here again, 1 in N),
-so a process aims at the mean, not past it, and checks the fleet again each beat.
+The balancer picks where each reconnect lands. With round robin a shed socket lands on any
+process, so most land on another full one and are shed again: 2.7-2.8x the minimum number of
+moves measured in a 2 -> 3 scale-out of 600 sockets. So while the fleet is out of balance,
+every process above the mean refuses new handshakes (503 `rebalance`, `Retry-After` 1-2 s,
+in chorus.session), and the reconnects land on the under-full process. It refuses only when
+refusing leaves a client somewhere to go: a ready process below the mean, in a fleet report
+at most two beats old (a process that cannot report stops refusing on its own), never in a
+fleet of one, never while draining (draining's own refusal comes first), and not once the
+fleet's total has fallen by more than `missing_allowed` since the refusing began: if the
+under-full process is ready but the balancer sends it no one, refusing would shed the fleet
+down to nothing, while without the refusal the shed sockets come back as before. A process
+aims at the mean, counting the sockets shed moments ago and not yet back, and checks the
+fleet again each beat.
 """
 
 from __future__ import annotations
@@ -33,24 +44,40 @@ log = logging.getLogger("chorus.rebalance")
 
 REASON: Final = "rebalance"
 HEARTBEATS_TO_EXPIRE: Final = 3
+# A refusal decided at one beat lapses after this many beats unless the next beat renews it:
+# a report that goes stale (Redis unreachable, the loop starved) must not keep refusing.
+REFUSE_BEATS: Final = 2
+# Sockets a fleet may miss (shed, not yet back) while its processes refuse: a tenth of it, or
+# what every process could shed in this many seconds, whichever is more (a shed socket
+# reconnects within its backoff plus a 1-2 s Retry-After per refusal: 5-6 s measured with 600).
+REFUSE_MISSING_SECONDS: Final = 10.0
 # A handful of sockets over the mean costs nothing; moving them costs each a reconnect (and
 # would close sockets of small test fleets where round robin cannot split evenly).
 MIN_EXCESS: Final = 10
 
 
-def excess(mine: int, fleet: list[Load], tolerance: float) -> int:
+def _mean(fleet: list[Load], missing: int) -> float:
+    return (sum(load.sockets for load in fleet) + missing) / len(fleet)
+
+
+def _balanced(fleet: list[Load], mean: float, tolerance: float) -> bool:
+    counts = [load.sockets for load in fleet]
+    return max(counts) <= (1 + tolerance) * mean and min(counts) >= (1 - tolerance) * mean
+
+
+def excess(mine: int, fleet: list[Load], tolerance: float, *, missing: int = 0) -> int:
     """How many sockets this process should give up: 0 when the fleet is within tolerance.
 
     The fleet is out of balance when a process is above (1 + tolerance) x the mean, or one is
     below (1 - tolerance) x it (a new replica two loaded ones each just under the upper bound
-    would leave short); then each process above the mean sheds down to it.
+    would leave short); then each process above the mean sheds down to it. `missing` sockets
+    (shed moments ago, not back yet) count in the mean: leaving them out lowers the mean and
+    the fleet sheds past it, then back (1.35x the minimum moves in a 2 -> 3 scale-out of 600).
     """
     if len(fleet) < 2:
         return 0
-    mean = sum(load.sockets for load in fleet) / len(fleet)
-    counts = [load.sockets for load in fleet]
-    balanced = max(counts) <= (1 + tolerance) * mean and min(counts) >= (1 - tolerance) * mean
-    if balanced or mine - mean < MIN_EXCESS:
+    mean = _mean(fleet, missing)
+    if _balanced(fleet, mean, tolerance) or mine - mean < MIN_EXCESS:
         return 0
     return int(mine - mean)
 
@@ -58,6 +85,28 @@ def excess(mine: int, fleet: list[Load], tolerance: float) -> int:
 def settled(fleet: list[Load], settle: float) -> bool:
     """True when every process is ready and has been for `settle` seconds."""
     return all(load.ready and load.ready_for >= settle for load in fleet)
+
+
+def refuses(mine: Load, fleet: list[Load], tolerance: float, settle: float, *, missing: int = 0) -> bool:
+    """True when the fleet is out of balance, `mine` is above its mean and a ready process below it
+    can take the reconnects.
+
+    Not only while `mine` sheds: a process that has shed down to the mean keeps refusing until
+    the fleet is balanced, or the other processes' shed sockets land on it and it sheds again.
+    """
+    if len(fleet) < 2 or not mine.ready or not settled(fleet, settle):
+        return False
+    mean = _mean(fleet, missing)
+    # A process takes a socket while one more keeps it at or below the mean: one that stopped
+    # at the mean and took the sockets still on their way cost 1.27x the minimum moves.
+    if _balanced(fleet, mean, tolerance) or mine.sockets + 1 <= mean:
+        return False
+    return any(load.process != mine.process and load.ready and load.sockets + 1 <= mean for load in fleet)
+
+
+def missing_allowed(peak: int, processes: int, rate: float) -> float:
+    """Sockets the fleet may lack against its `peak` total while refusing (see REFUSE_MISSING_SECONDS)."""
+    return max(0.1 * peak, rate * REFUSE_MISSING_SECONDS * processes)
 
 
 class Rebalancer:
@@ -74,6 +123,7 @@ class Rebalancer:
         tolerance: float,
         rate: float,
         settle: float,
+        refuse: bool = True,
     ) -> None:
         self._broker = broker
         self._hub = hub
@@ -83,7 +133,11 @@ class Rebalancer:
         self.tolerance = tolerance
         self.rate = rate
         self.settle = settle
+        self.refuse = refuse
         self._ready_since: float | None = None
+        self._refuse_until = 0.0  # time.monotonic() until which handshakes are refused
+        self._peak = 0  # the fleet's largest total since it went out of balance
+        self._gave_up = False  # too many shed sockets stayed away: no refusals until balanced
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -97,6 +151,11 @@ class Rebalancer:
             await self._broker.forget_load(self.process)
         except BrokerUnavailable as exc:
             log.warning("could not leave the load table (%s); it expires", exc)
+
+    @property
+    def refusing(self) -> bool:
+        """True while this process is above an unbalanced fleet's mean: handshakes go elsewhere."""
+        return time.monotonic() < self._refuse_until and not self._health.draining
 
     def _load(self, now: float) -> Load:
         ready = self._health.ready and not self._health.draining
@@ -117,16 +176,44 @@ class Rebalancer:
             # A beat that shed took up to one interval already: keep the period one interval.
             await asyncio.sleep(max(0.1, self.interval - (time.monotonic() - started)))
 
+    def _in_flight(self, fleet: list[Load]) -> int | None:
+        """Sockets the fleet held since it went out of balance and lacks now: shed and on their way
+        back (a refused client waits 1-2 s per refusal, several seconds in all). 0 once the fleet
+        is balanced again; None, until then, once more were missing than `missing_allowed`."""
+        total = sum(entry.sockets for entry in fleet)
+        self._peak = max(self._peak, total)
+        missing = self._peak - total
+        if self._gave_up or missing > missing_allowed(self._peak, len(fleet), self.rate):
+            if not self._gave_up:
+                log.warning("rebalance: %d sockets have not come back; not refusing until balanced", missing)
+            self._gave_up = True
+            missing = 0
+        if len(fleet) < 2 or _balanced(fleet, _mean(fleet, missing), self.tolerance):
+            self._peak, self._gave_up = 0, False
+        return None if self._gave_up else missing
+
     async def beat(self) -> None:
         """Report, read the fleet, and shed for up to one interval when above the tolerance."""
         load = self._load(time.time())
         fleet = await self._broker.report_load(self.process, load, ttl=self.interval * HEARTBEATS_TO_EXPIRE)
+        in_flight = self._in_flight(fleet)
+        missing = in_flight or 0
+        if (
+            not self.refuse
+            or in_flight is None
+            or self.rate <= 0
+            or not refuses(load, fleet, self.tolerance, self.settle, missing=missing)
+        ):
+            self._refuse_until = 0.0
+        else:
+            self._refuse_until = time.monotonic() + self.interval * REFUSE_BEATS
         if self.rate <= 0 or not load.ready or not settled(fleet, self.settle):
             return
-        extra = min(excess(load.sockets, fleet, self.tolerance), int(self.rate * self.interval) or 1)
+        extra = excess(load.sockets, fleet, self.tolerance, missing=missing)
+        extra = min(extra, int(self.rate * self.interval) or 1)
         if extra <= 0:
             return
-        mean = sum(entry.sockets for entry in fleet) / len(fleet)
+        mean = _mean(fleet, missing)
         log.info("rebalance: %d sockets against a mean of %.0f; moving %d", load.sockets, mean, extra)
         conns = random.sample(sorted(self._hub.connections, key=id), min(extra, len(self._hub.connections)))
         # Spread over the interval, each at a uniformly drawn moment: at most `rate` per second

@@ -22,6 +22,7 @@ from .keepalive import Keepalive
 from .limits import UserLimiter
 from .presence import Presence
 from .protocol import CLOSE_SERVICE_RESTART
+from .rebalance import Rebalancer
 from .security import Gatekeeper
 
 log = logging.getLogger("chorus.runtime")
@@ -45,6 +46,8 @@ class Runtime:
     # Sockets accepted or being accepted on this replica (the CHORUS_MAX_CONNECTIONS count).
     sockets: int = 0
     handshakes: int = 0  # sockets between the upgrade and the welcome (doing Redis work)
+    # Says when this replica sheds after a scale-out and sends handshakes elsewhere (chorus.session).
+    rebalancer: Rebalancer | None = None
     _tags: itertools.count[int] = field(default_factory=itertools.count)
     _drained: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -58,6 +58,7 @@ class Room:
         send_timeout: float = 10.0,
         receive: bool = True,
         max_queue: int = 10_000,
+        local_addr: tuple[str, int] | None = None,
     ) -> None:
         if not ROOM_RE.match(room):
             raise ValueError(f"room must match {ROOM_RE.pattern}")
@@ -84,6 +85,7 @@ class Room:
         self._send_timeout = send_timeout
         self._receive = receive
         self._max_queue = max_queue
+        self._local_addr = local_addr
         self._ws: ClientConnection | None = None
         self._live = asyncio.Event()
         self._finished = asyncio.Event()
@@ -106,6 +108,11 @@ class Room:
     def connected(self) -> bool:
         """True while a socket is open and welcomed (False while reconnecting)."""
         return self._live.is_set()
+
+    @property
+    def ended(self) -> bool:
+        """True once the room has ended: it will not reconnect, and iteration and sends raise."""
+        return self._done is not None
 
     # -- the caller's side ------------------------------------------------------------------
 
@@ -287,7 +294,11 @@ class Room:
                     return
                 last_failure = refused
                 continue
-            except (OSError, TimeoutError, InvalidHandshake) as exc:
+            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
+                # websockets raises ConnectionClosed when the connection is lost before its
+                # opening request goes out (a busy client loop): transient like the others.
+                # Uncaught, it ended the room; a suspect for the clients that never came back
+                # after a crash at 10,000 sockets (README Performance, "At 10,000 sockets").
                 self.stats.unreachable += 1
                 last_failure = Disconnected(f"cannot open a WebSocket to {self._endpoint}: {exc}")
                 continue
@@ -314,8 +325,10 @@ class Room:
             # Offered as a subprotocol, not `?token=`, so it stays out of proxies' access logs.
             subprotocols = [Subprotocol(SUBPROTOCOL), Subprotocol(BEARER_PREFIX + token)]
         uri = f"{self._endpoint}?{urlencode(params)}" if params else self._endpoint
+        # websockets hands extra keywords to loop.create_connection.
+        extra: dict[str, Any] = {} if self._local_addr is None else {"local_addr": self._local_addr}
         return await ws_connect(
-            uri, subprotocols=subprotocols, open_timeout=self._open_timeout, close_timeout=2
+            uri, subprotocols=subprotocols, open_timeout=self._open_timeout, close_timeout=2, **extra
         )
 
     async def _session(self, ws: ClientConnection) -> tuple[bool, int, str]:
@@ -435,6 +448,7 @@ async def connect(
     open_timeout: float = 10.0,
     send_timeout: float = 10.0,
     receive: bool = True,
+    local_addr: tuple[str, int] | None = None,
 ) -> AsyncIterator[Room]:
     """Join `room` on the Chorus at `url` (`ws://host:port`, `wss://...` or `http(s)://...`).
 
@@ -442,8 +456,9 @@ async def connect(
     each handshake); `history` messages replayed on a fresh join (server default 20), or
     `since=<id>` to resume after that message. `reconnect` bounds retries (default: forever,
     with full-jitter backoff; the first connect follows the same policy). `receive=False` for a
-    room that only sends (events are not kept). Raises `Disconnected` (or its subclass
-    `HandshakeRefused`) when the room cannot be joined.
+    room that only sends (events are not kept). `local_addr=(host, port)` binds the socket's
+    source (a load generator on loopback spreads over 127.0.0.x so ephemeral ports do not cap
+    it). Raises `Disconnected` (or its subclass `HandshakeRefused`) when the room cannot be joined.
     """
     member = Room(
         url,
@@ -456,6 +471,7 @@ async def connect(
         open_timeout=open_timeout,
         send_timeout=send_timeout,
         receive=receive,
+        local_addr=local_addr,
     )
     try:
         await member._start()

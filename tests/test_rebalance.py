@@ -1,0 +1,104 @@
+"""When a shedding replica refuses handshakes (chorus.rebalance): only when a client has somewhere to go."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import pytest
+
+from chorus.broker import Load
+from chorus.rebalance import Rebalancer, excess, missing_allowed, refuses
+
+
+def load(process: str, sockets: int, *, ready: bool = True, ready_for: float = 60.0) -> Load:
+    return Load(process, sockets, ready, ready_for if ready else 0.0, 0.0)
+
+
+def test_a_full_replica_refuses_while_a_ready_one_is_below_the_mean() -> None:
+    fleet = [load("a", 300), load("b", 300), load("c", 0)]
+    assert refuses(fleet[0], fleet, 0.1, 30)
+    assert not refuses(fleet[2], fleet, 0.1, 30), "the under-full replica takes everyone"
+
+
+def test_no_refusal_in_a_fleet_of_one_or_a_balanced_fleet() -> None:
+    alone = [load("a", 5000)]
+    assert not refuses(alone[0], alone, 0.1, 30)
+    balanced = [load("a", 205), load("b", 200), load("c", 195)]
+    assert not any(refuses(mine, balanced, 0.1, 30) for mine in balanced)
+
+
+def test_no_refusal_while_the_fleet_is_changing() -> None:
+    just_ready = [load("a", 300), load("b", 300), load("c", 0, ready_for=1.0)]
+    assert not refuses(just_ready[0], just_ready, 0.1, 30), "the new replica has not settled"
+    not_ready = [load("a", 300), load("b", 300), load("c", 0, ready=False)]
+    assert not refuses(not_ready[0], not_ready, 0.1, 30), "nowhere ready to go"
+    assert not refuses(load("a", 300, ready=False), [load("a", 300, ready=False), load("c", 0)], 0.1, 0)
+
+
+def test_missing_sockets_bound_the_refusal() -> None:
+    assert missing_allowed(10_000, 3, 20.0) == 1000  # a tenth of a large fleet
+    assert missing_allowed(600, 3, 20.0) == 600  # what 3 processes shed in 10 s, in a small one
+
+
+def test_sockets_on_their_way_count_in_the_mean() -> None:
+    # 600 sockets, 80 shed a moment ago and not back yet: the mean is still 200, not 173.
+    fleet = [load("a", 230), load("b", 230), load("c", 60)]
+    assert excess(230, fleet, 0.1) == 56
+    assert excess(230, fleet, 0.1, missing=80) == 30
+
+
+def test_a_replica_at_the_mean_keeps_refusing_until_the_fleet_is_balanced() -> None:
+    fleet = [load("a", 200), load("b", 260), load("c", 140)]
+    assert excess(200, fleet, 0.1) == 0
+    assert refuses(fleet[0], fleet, 0.1, 30), "or b's shed sockets land on a"
+    assert not refuses(fleet[2], fleet, 0.1, 30)
+
+
+class _Broker:
+    """Hands the rebalancer the fleet a test sets; its own report replaces its entry."""
+
+    def __init__(self) -> None:
+        self.others: list[Load] = []
+
+    async def report_load(self, process: str, load: Load, *, ttl: float) -> list[Load]:
+        return [load, *self.others]
+
+
+class _Conn:
+    closing = False
+
+    def close_after_flush(self, code: int, reason: str) -> None:
+        self.closing = True
+
+
+class _Hub:
+    def __init__(self, sockets: int) -> None:
+        self.connections = {_Conn() for _ in range(sockets)}
+
+
+class _Health:
+    ready = True
+    draining = False
+
+
+@pytest.mark.anyio
+async def test_refusals_stop_when_shed_sockets_never_come_back() -> None:
+    # The new replica reports ready but the balancer sends it no one: refusing would empty
+    # the fleet, so the refusals stop until the fleet is balanced again. (A beat sheds one socket
+    # within its 1 s interval; a refusal lasts two intervals: the asserts see it in force.)
+    broker, hub = _Broker(), _Hub(300)
+    rebalancer = Rebalancer(
+        cast(Any, broker), cast(Any, hub), cast(Any, _Health()),
+        process="a", interval=1.0, tolerance=0.1, rate=1.0, settle=0.0,
+    )  # fmt: skip
+    broker.others = [load("b", 300), load("c", 0)]
+    await rebalancer.beat()
+    assert rebalancer.refusing
+    hub.connections = set(list(hub.connections)[:250])
+    broker.others = [load("b", 250), load("c", 0)]  # 100 gone, none arrived
+    await rebalancer.beat()
+    assert not rebalancer.refusing
+    hub.connections = set(list(hub.connections)[:240])
+    broker.others = [load("b", 260), load("c", 20)]
+    await rebalancer.beat()
+    assert not rebalancer.refusing, "not again until the fleet is balanced"
