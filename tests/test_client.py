@@ -500,6 +500,8 @@ def test_backoff_is_full_jitter_capped_and_retry_after_is_a_floor() -> None:
         delays = [policy.delay(attempt) for _ in range(200)]
         assert all(0 <= d <= ceiling for d in delays) and max(delays) > ceiling / 2
     assert all(3.0 <= policy.delay(0, retry_after=3.0) <= 3.25 for _ in range(100))
+    # The fifth refusal in a row waits what the server said, not that plus a grown backoff.
+    assert all(1.0 <= policy.delay(5, retry_after=1.0) <= 1.25 for _ in range(100))
     assert policy.delay(0, retry_after=10_000) <= 120.25, "a silly Retry-After is bounded"
     assert not policy.exhausted(4, 59.0) and policy.exhausted(5, 1.0) and policy.exhausted(0, 60.0)
     assert Reconnect(max_attempts=0).exhausted(0, 0.0) and not Reconnect().exhausted(10**6, 1e9)

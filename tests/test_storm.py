@@ -18,7 +18,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
 from chorus.client import Message, Reconnect, Room, connect
-from chorus.devcluster import LocalCluster, wait_until
+from chorus.devcluster import HarnessError, LocalCluster, wait_until
 from chorus.rebalance import MIN_EXCESS
 from tests.chat import metric_value, metrics_text
 
@@ -180,14 +180,21 @@ async def test_a_scale_out_rebalances_and_loses_nothing(make_cluster: Callable[.
         async with collecting(rooms) as seen:
             ids = await _publish_while(sender, lambda: cluster.start_replica(2))
 
+            seen_counts: list[list[int]] = []
+
             def converged() -> bool:
                 counts = [sockets_on(cluster, i) for i in range(3)]
+                if not seen_counts or seen_counts[-1] != counts:
+                    seen_counts.append(counts)
                 mean = sum(counts) / 3
                 # Within the tolerance, or no replica 10 or more over the mean (fewer are not moved).
                 within = max(abs(c - mean) for c in counts) <= tolerance * mean
                 return sum(counts) == count + 1 and (within or max(counts) - mean < MIN_EXCESS)
 
-            await asyncio.to_thread(wait_until, converged, 60, "the fleet to converge on its mean")
+            try:
+                await asyncio.to_thread(wait_until, converged, 60, "the fleet to converge on its mean")
+            except HarnessError as exc:
+                raise AssertionError(f"{exc}; sockets per replica went {seen_counts[-12:]}") from None
             await _everyone_has(seen, ids)
         moved = sum(room.stats.close_codes[1012] for room in (*rooms, sender))  # the sender may move too
         assert moved > 0, "sockets moved to the new replica"

@@ -28,8 +28,11 @@ class Reconnect:
 
     Wait k (0-based, k failed attempts in a row) is uniform in [0, min(cap, base * 2**k)], so a
     wave of clients that lost their replica together spreads out instead of arriving at once.
-    A refused handshake's `Retry-After` (at most `max_retry_after`) is waited in full, plus
-    that jitter. `max_attempts` failed attempts in a row, or `give_up_after` seconds since the
+    A refused handshake's `Retry-After` (at most `max_retry_after`) is waited in full, plus a
+    jitter of at most `base` that does not grow: the server chose the time and already spread
+    it (Chorus draws 1-5 s per refusal), and a client that a rebalancing replica sends on
+    several times in a row must not wait longer for each refusal (a 2 -> 3 scale-out of 150
+    sockets took over 60 s to converge when it did). `max_attempts` failed attempts in a row, or `give_up_after` seconds since the
     connection was lost, end the room with `Disconnected`; both None (the default): retry
     forever, as the chat page does. `Reconnect(max_attempts=0)` never reconnects.
     """
@@ -42,10 +45,9 @@ class Reconnect:
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before attempt `attempt + 1`."""
-        jitter = random.uniform(0.0, min(self.cap, self.base * 2 ** min(attempt, 32)))
         if retry_after is None:
-            return jitter
-        return min(retry_after, self.max_retry_after) + jitter
+            return random.uniform(0.0, min(self.cap, self.base * 2 ** min(attempt, 32)))
+        return min(retry_after, self.max_retry_after) + random.uniform(0.0, self.base)
 
     def exhausted(self, attempts: int, lost_for: float) -> bool:
         """True when `attempts` reconnects made, or `lost_for` seconds offline, spend the budget."""
