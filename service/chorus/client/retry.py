@@ -32,9 +32,10 @@ class Reconnect:
     jitter of at most `base` that does not grow: the server chose the time and already spread
     it (Chorus draws 1-5 s per refusal), and a client that a rebalancing replica sends on
     several times in a row must not wait longer for each refusal (a 2 -> 3 scale-out of 150
-    sockets took over 60 s to converge when it did). `max_attempts` failed attempts in a row, or `give_up_after` seconds since the
-    connection was lost, end the room with `Disconnected`; both None (the default): retry
-    forever, as the chat page does. `Reconnect(max_attempts=0)` never reconnects.
+    sockets took over 60 s to converge when it did). `max_attempts` failed attempts in a row,
+    or `give_up_after` seconds since the connection was lost, end the room with `Disconnected`;
+    both None (the default): retry forever, as the chat page does. `Reconnect(max_attempts=0)`
+    never reconnects.
     """
 
     base: float = 0.25
