@@ -54,11 +54,12 @@ async def run(
     big_dps: Sequence[int] = BIG_ROOM_DPS,
     small_msgs: Sequence[int] = SMALL_ROOMS_MSGS,
     a_env: dict[str, str] | None = None,
+    b_env: dict[str, str] | None = None,
 ) -> str:
     workdir = Path(tempfile.mkdtemp(prefix="chorus-ab-"))
     targets = {
         "A": Target("chorus", 2, workdir / "a", env=a_env),
-        "B": Target("chorus", 2, workdir / "b", env={"PYTHONPATH": str(ref)})
+        "B": Target("chorus", 2, workdir / "b", env={"PYTHONPATH": str(ref), **(b_env or {})})
         if ref is not None
         else Target("socketio", 2, workdir / "b"),
     }
@@ -119,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--a-env", action="append", default=[], metavar="NAME=VALUE",
         help="a setting for A's replicas only, e.g. CHORUS_COALESCE_SECONDS=0.002 (repeatable)",
     )  # fmt: skip
+    parser.add_argument(
+        "--b-env", action="append", default=[], metavar="NAME=VALUE",
+        help="a setting for B's replicas only (with --ref; repeatable)",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--step-seconds", type=float, default=3.0)
     parser.add_argument(
@@ -136,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ensure_socketio_modules()
     ref = args.ref.resolve() if args.ref is not None else None
     a_env = dict(item.split("=", 1) for item in args.a_env)
-    print(uvloop.run(run(ref, args.rounds, args.step_seconds, args.big_rates, args.small_rates, a_env)))
+    b_env = dict(item.split("=", 1) for item in args.b_env)
+    rates = (args.big_rates, args.small_rates)
+    print(uvloop.run(run(ref, args.rounds, args.step_seconds, *rates, a_env, b_env)))
     return 0
 
 
