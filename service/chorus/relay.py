@@ -5,7 +5,8 @@ then the listener wakes and copies the event into each subscriber's queue, then 
 wakes. That is one task wake-up more per pub/sub read than the work needs, and in small rooms
 a read carries about one message (100 rooms of 4 at 1,000 msg/s, py-spy on one replica: the
 listener 1.5 % of the samples, its task switch more in the loop's own share). `relay` hands
-the reader a function that does the listener's copy at once, in the reader's own turn, so the room task is the only hop.
+the reader a function that does the listener's copy at once, in the reader's own turn, so
+the room task is the only hop.
 
 The coupling is to broadcaster's private `Broadcast._subscribers` (channel -> set of queues,
 which `Broadcast.subscribe` maintains), fenced here and checked by tests/test_broker.py
