@@ -53,11 +53,13 @@ async def run(
     seconds: float,
     big_dps: Sequence[int] = BIG_ROOM_DPS,
     small_msgs: Sequence[int] = SMALL_ROOMS_MSGS,
+    a_env: dict[str, str] | None = None,
+    b_env: dict[str, str] | None = None,
 ) -> str:
     workdir = Path(tempfile.mkdtemp(prefix="chorus-ab-"))
     targets = {
-        "A": Target("chorus", 2, workdir / "a"),
-        "B": Target("chorus", 2, workdir / "b", env={"PYTHONPATH": str(ref)})
+        "A": Target("chorus", 2, workdir / "a", env=a_env),
+        "B": Target("chorus", 2, workdir / "b", env={"PYTHONPATH": str(ref), **(b_env or {})})
         if ref is not None
         else Target("socketio", 2, workdir / "b"),
     }
@@ -68,14 +70,14 @@ async def run(
         big = {n: await _with_load(t, "main", 1, 100, 10) for n, t in targets.items()}
         small = {
             n: await _with_load(t, "small", 100, 400, 1, publisher_is_member=True) for n, t in targets.items()
-        }
+        } if small_msgs else {}  # fmt: skip
         big_steps: dict[str, list[list[StepResult]]] = {"A": [], "B": []}
         small_steps: dict[str, list[list[StepResult]]] = {"A": [], "B": []}
         for round_ in range(rounds):
             log(f"A/B round {round_ + 1} of {rounds}")
             for name, steps in (await _ladder(big, [d / 100 for d in big_dps], seconds)).items():
                 big_steps[name].append(steps)
-            for name, steps in (await _ladder(small, small_msgs, seconds)).items():
+            for name, steps in (await _ladder(small, small_msgs, seconds) if small else {}).items():
                 small_steps[name].append(steps)
         for index, dps in enumerate(big_dps):
             a = [r[index] for r in big_steps["A"]]
@@ -114,6 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     against = parser.add_mutually_exclusive_group(required=True)
     against.add_argument("--ref", type=Path, help="the other checkout's service/ folder")
     against.add_argument("--socketio", action="store_true", help="B is the Socket.IO baseline")
+    parser.add_argument(
+        "--a-env", action="append", default=[], metavar="NAME=VALUE",
+        help="a setting for A's replicas only, e.g. CHORUS_COALESCE_SECONDS=0.002 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--b-env", action="append", default=[], metavar="NAME=VALUE",
+        help="a setting for B's replicas only (with --ref; repeatable)",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--step-seconds", type=float, default=3.0)
     parser.add_argument(
@@ -121,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="deliveries/s into the room of 100, comma-separated (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--small-rates", type=lambda v: [int(x) for x in v.split(",")], default=list(SMALL_ROOMS_MSGS),
+        "--small-rates", type=lambda v: [int(x) for x in v.split(",") if x], default=list(SMALL_ROOMS_MSGS),
         help="messages/s over the 100 rooms of 4, comma-separated (default %(default)s)",
     )  # fmt: skip
     args = parser.parse_args(argv)
@@ -130,7 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.socketio:
         ensure_socketio_modules()
     ref = args.ref.resolve() if args.ref is not None else None
-    print(uvloop.run(run(ref, args.rounds, args.step_seconds, args.big_rates, args.small_rates)))
+    a_env = dict(item.split("=", 1) for item in args.a_env)
+    b_env = dict(item.split("=", 1) for item in args.b_env)
+    rates = (args.big_rates, args.small_rates)
+    print(uvloop.run(run(ref, args.rounds, args.step_seconds, *rates, a_env, b_env)))
     return 0
 
 

@@ -155,6 +155,34 @@ async def test_a_lost_pubsub_connection_yields_a_gap_then_messages(redis: RedisS
         await broker.stop()
 
 
+async def test_the_reader_hands_messages_and_gaps_on_without_broadcasters_listener(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """chorus.relay: the pub/sub reader fills the subscriptions' queues itself (no listener-task
+    hop per read), in order, Gap included; and the broadcaster internal it relies on is there."""
+    broker = RedisBroker(Settings(redis_url=redis.url))
+
+    async def never() -> None:  # broadcaster 0.3.1's listener hop: starved here
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(broker._backend, "next_published", never)
+    await broker.start()
+    try:
+        async with broker.subscribe("r") as subscription:
+            await subscription.live()
+            ids = [StreamId.parse(await broker.append("r", TAIL, b"s.1")) for _ in range(3)]
+            got = [decode_published(await asyncio.wait_for(next_message(subscription), 5)).id for _ in ids]
+            assert got == ids
+            redis.cli("CLIENT", "KILL", "TYPE", "pubsub")
+            gap = await asyncio.wait_for(subscription.get(), 5)
+            assert isinstance(gap, Gap), "no Gap after the subscription was remade"
+            await subscription.live()
+            msg_id = await broker.append("r", TAIL, b"s.1")
+            assert decode_published(await next_message(subscription)).id == StreamId.parse(msg_id)
+    finally:
+        await broker.stop()
+
+
 async def test_the_command_client_is_public_only_with_redis(redis: RedisServer) -> None:
     assert MemoryBroker(Settings()).commands is None
     broker = RedisBroker(Settings(redis_url=redis.url))

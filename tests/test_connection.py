@@ -129,15 +129,36 @@ async def test_frames_held_for_the_flush_count_against_the_slow_consumer_bound()
 async def test_a_coalescing_window_holds_a_busy_rooms_frames_for_its_timer() -> None:
     coalescer = Coalescer(0.5)
     conn, wire = wired()
-    conn.deliver(StreamId((1, 0)), "quiet", coalescer.hold(gap=1.0))  # a quiet room: this turn
+    conn.deliver(StreamId((1, 0)), "quiet", coalescer.hold(mean_gap=1.0))  # a quiet room: this turn
     await asyncio.sleep(0)
     assert wire.writes == [["quiet"]]
-    for i in range(3):  # fan-outs 1 ms apart: held for the window's timer, not the turn
-        conn.deliver(StreamId((2, i)), f"busy{i}", coalescer.hold(gap=0.001))
+    for i in range(3):  # fan-outs 1 ms apart: held for a timer, not the turn
+        conn.deliver(StreamId((2, i)), f"busy{i}", coalescer.hold(mean_gap=0.001))
+    conn.offer("ack")  # behind the held frames
     await asyncio.sleep(0)
     assert wire.writes == [["quiet"]]
-    await poll(lambda: len(wire.writes) == 2, 5, "the window's flush")
-    assert wire.writes[1] == ["busy0", "busy1", "busy2"]
+    await poll(lambda: len(wire.writes) == 2, 5, "the timer's flush")
+    assert wire.writes[1] == ["busy0", "busy1", "busy2", "ack"]
+
+
+async def test_a_busy_room_is_held_about_its_mean_gap_never_past_the_window() -> None:
+    loop = asyncio.get_running_loop()
+    coalescer = Coalescer(0.5)
+    conn, wire = wired()
+    conn.deliver(StreamId((1, 0)), "m0", coalescer.hold(mean_gap=0.2))
+    timer = coalescer._timer
+    assert timer is not None and timer.when() - loop.time() <= 0.2, "held longer than the room's mean gap"
+    other, other_wire = wired()  # a faster room joining the running timer waits no longer
+    other.deliver(StreamId((2, 0)), "o0", coalescer.hold(mean_gap=0.01))
+    assert coalescer._timer is timer
+    assert conn.depth == 1 and other.depth == 1
+    await poll(lambda: bool(wire.writes and other_wire.writes), 5, "the timer's flush")
+    assert wire.writes == [["m0"]] and other_wire.writes == [["o0"]]
+    # A mean gap at or above the window is a quiet room: the end of this turn, no timer.
+    conn.deliver(StreamId((3, 0)), "m1", coalescer.hold(mean_gap=0.5))
+    assert coalescer._timer is None
+    await asyncio.sleep(0)
+    assert wire.writes[1:] == [["m1"]]
 
 
 async def test_the_deepest_backlog_is_found_without_walking_idle_sockets() -> None:

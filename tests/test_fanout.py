@@ -142,8 +142,10 @@ async def test_a_send_burst_bigger_than_the_redis_pool_waits_its_turn_and_is_nev
 async def test_a_busy_room_shares_socket_writes_and_keeps_the_order(
     make_cluster: Callable[..., LocalCluster], window: str
 ) -> None:
-    # 20 messages sent back to back fall in one 100 ms window (after the first, which goes
-    # out at the end of its loop turn): each member gets them in fewer writes, in order. With
+    # 20 messages sent back to back make the room busy at once (its mean gap between fan-outs
+    # falls under the 100 ms window after the first, which goes out at the end of its loop
+    # turn): the rest are held about one mean gap, so each member gets them in fewer writes,
+    # in order. With
     # no window (the default) only frames of one loop turn share a write: in order all the same.
     cluster = make_cluster(1, env={"CHORUS_COALESCE_SECONDS": window})
     url = cluster.replica_ws_url(0)

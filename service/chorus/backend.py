@@ -141,6 +141,9 @@ class ChannelBackend(BroadcastBackend):
     def __init__(self, topology: Topology, on_connection_change: Callable[[bool], None] | None) -> None:
         # BroadcastBackend.__init__ only raises NotImplementedError: not called.
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        # Where the reader hands events: broadcaster's queue, or straight to the
+        # subscriptions once `deliver_to` is called (chorus.relay).
+        self._put: Callable[[Event], None] = self._queue.put_nowait
         self._live: dict[str, asyncio.Event] = {}
         self._wanted: set[str] = set()
         self._on_connection_change = on_connection_change
@@ -162,7 +165,7 @@ class ChannelBackend(BroadcastBackend):
     def _dispatch(self, batch: list[Any], confirmed: Callable[[str, bool], None]) -> None:
         """Hand one read's replies on: payloads to broadcaster's queue, each (un)subscribe
         confirmation to `confirmed(channel, unsubscribed)`, error replies to `_error_reply`."""
-        put = self._queue.put_nowait
+        put = self._put
         message_kind = self.MESSAGE_KIND
         subscribed, unsubscribed = self.CONFIRM_KINDS
         for reply in batch:
@@ -185,6 +188,10 @@ class ChannelBackend(BroadcastBackend):
             self.connected = value
             if self._on_connection_change is not None:
                 self._on_connection_change(value)
+
+    def deliver_to(self, put: Callable[[Event], None]) -> None:
+        """Hand events to `put` from the reader's own turn instead of broadcaster's queue."""
+        self._put = put
 
     async def publish(self, channel: str, message: Any) -> None:
         raise NotImplementedError("Chorus publishes through its command connection (chorus.broker)")
@@ -342,7 +349,7 @@ class RedisPubSubBackend(ChannelBackend):
             return
         if channel in self._resubscribing:
             self._resubscribing.discard(channel)
-            self._queue.put_nowait(Event(channel, GAP_MARK))
+            self._put(Event(channel, GAP_MARK))
         event = self._live.get(channel)
         if event is not None:
             event.set()

@@ -56,6 +56,7 @@ from .protocol import (
     encode_published,
     stream_frame,
 )
+from .relay import relayed
 from .scripts import APPEND_CHANGE, MARK_READ, REACT, STATE_PRUNE_BATCH, TYPING
 from .shards import ShardedPubSubBackend
 from .topology import SentinelResolver, Topology, command_client, sentinels
@@ -384,7 +385,7 @@ class RedisBroker(Broker):
             self._backend = RedisPubSubBackend(
                 topology, on_connection_change=on_connection_change, resolve=self._resolver
             )
-        super().__init__(Broadcast(backend=self._backend))
+        super().__init__(relayed(self._backend))  # no listener-task hop per read (chorus.relay)
         self._publish_command = "SPUBLISH" if topology.cluster else "PUBLISH"
         # Shared with presence and the connection limiter, which the lifespan stops first.
         self._commands = RedisCommands(

@@ -33,9 +33,12 @@ class Coalescer:
     the flush is the next thing the loop does. The write per member per fan-out is most of a
     fan-out's cost; a busy loop has longer turns, so batching grows with the load by itself.
 
-    With `window` > 0 (`CHORUS_COALESCE_SECONDS`), a room's fan-out that comes within `window`
-    of the room's previous one is held for a timer instead, at most `window` away: fewer writes
-    for that much latency, for operators who prefer CPU. A quiet room still flushes per turn.
+    With `window` > 0 (`CHORUS_COALESCE_SECONDS`), a busy room (its mean gap between fan-outs
+    under `window`) holds its members' frames for a timer about one mean gap away, so about
+    two fan-outs share each write (half the writes) for at most that gap, never more than
+    `window`, of added latency. Sized from the rate because the first extra message per write
+    saves half the writes and each further one less (a fixed window holds a fast room longer
+    than the saving needs). A quiet room still flushes per turn.
     """
 
     __slots__ = ("_held", "_timed", "_timer", "_turn", "window")
@@ -44,15 +47,16 @@ class Coalescer:
         self.window = window
         self._held: list[Connection] = []  # flushed at the end of this turn
         self._turn: asyncio.Handle | None = None
-        self._timed: list[Connection] = []  # flushed when the window's timer fires
+        self._timed: list[Connection] = []  # flushed when the timer fires
         self._timer: asyncio.TimerHandle | None = None
 
-    def hold(self, gap: float) -> Hold:
-        """Called once per fan-out with the seconds since the room's previous one: what holds
+    def hold(self, mean_gap: float) -> Hold:
+        """Called once per fan-out with the room's mean seconds between fan-outs: what holds
         the members' frames (pass it to `Connection.deliver`)."""
-        if gap < self.window:
+        if mean_gap < self.window:
+            # One timer for every busy room: a room that joins a running timer waits less.
             if self._timer is None:
-                self._timer = asyncio.get_running_loop().call_later(self.window, self._flush_timed)
+                self._timer = asyncio.get_running_loop().call_later(mean_gap, self._flush_timed)
             return self._timed.append
         return self.add
 

@@ -40,10 +40,25 @@ RETRY_SECONDS: Final = 0.5
 CONTROL_DISCONNECT: Final = "disconnect"
 CONTROL_READ: Final = "read"
 T = TypeVar("T")
+# A room's mean gap between fan-outs moves 1/4 of the way to each new gap: a burst of a few
+# fan-outs makes a quiet room busy, a pause of a few makes it quiet again. Gaps count up to
+# the longest window allowed (0.1 s): a room quieter than that is quiet for every setting.
+MEAN_GAP_WEIGHT: Final = 0.25
+MEAN_GAP_CAP: Final = 0.1
 
 
 class Room:
-    __slots__ = ("last_fanout", "last_id", "members", "name", "presence", "ready", "subscription", "task")
+    __slots__ = (
+        "last_fanout",
+        "last_id",
+        "mean_gap",
+        "members",
+        "name",
+        "presence",
+        "ready",
+        "subscription",
+        "task",
+    )
 
     def __init__(self, name: str, *, presence_interval: float, presence_max_members: int) -> None:
         self.name = name
@@ -54,6 +69,8 @@ class Room:
         self.members: set[Connection] = set()
         self.last_id: StreamId = ZERO_ID
         self.last_fanout = -math.inf  # time.monotonic() of the previous live fan-out
+        # Seconds between live fan-outs, a moving mean (capped: a long pause is just "quiet").
+        self.mean_gap = MEAN_GAP_CAP
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -289,8 +306,10 @@ class Hub:
         hold: Hold = self._hold_turn
         if self.coalescer.window:
             now = time.monotonic()
-            hold = self.coalescer.hold(now - room.last_fanout)
+            gap = min(now - room.last_fanout, MEAN_GAP_CAP)
+            room.mean_gap += (gap - room.mean_gap) * MEAN_GAP_WEIGHT
             room.last_fanout = now
+            hold = self.coalescer.hold(room.mean_gap)
         delivered = 0
         for conn in room.members:
             if conn is not sender and conn.deliver(msg_id, frame, hold):

@@ -268,7 +268,7 @@ class ShardedPubSubBackend(ChannelBackend):
         if channel not in self._wanted or self._owner.get(channel) is not shard:
             return
         if channel in self._confirmed_once:
-            self._queue.put_nowait(Event(channel, GAP_MARK))
+            self._put(Event(channel, GAP_MARK))
         self._confirmed_once.add(channel)
         event = self._live.get(channel)
         if event is not None:
