@@ -109,6 +109,10 @@ def _progress(rooms: list[Room], failed: int, joined: bool) -> dict[str, Any]:
         "closes_1012": sum(room.stats.close_codes[1012] for room in rooms),
         "closes_1006": sum(room.stats.close_codes[1006] for room in rooms),
         "refused_503": sum(room.stats.refused[503] for room in rooms),
+        # A proxy's own 408/500/502/504 (a room used to end on 408 and 500).
+        "refused_other": sum(
+            n for room in rooms for status, n in room.stats.refused.items() if status != 503
+        ),
         "unreachable": sum(room.stats.unreachable for room in rooms),
         "resumes": sum(room.stats.resumes for room in rooms),
     }
@@ -186,7 +190,7 @@ class Fleet:
 
     def totals(self) -> dict[str, int]:
         keys = ("rooms", "failed", "connected", "ended", "connects", "closes_1012", "closes_1006",
-                "refused_503", "unreachable", "resumes")  # fmt: skip
+                "refused_503", "refused_other", "unreachable", "resumes")  # fmt: skip
         total = {k: sum(int(p.get(k, 0)) for p in self.progress) for k in keys}
         total["connected"] += sum(m.connected for m in self.members)
         total["connects"] += sum(m.stats.connects for m in self.members)
