@@ -82,9 +82,14 @@ async def generator(url: str, count: int, seconds: float, concurrency: int, tag:
 
         joining = asyncio.ensure_future(asyncio.gather(*(join(i) for i in range(count))))
         stopping = asyncio.create_task(_stdin_closed())
+        lag_max = 0.0  # the generator's own event-loop stall: its sockets wait on it, not the fleet
         while time.monotonic() < deadline and not stopping.done():
-            print(json.dumps(_progress(rooms, failed, joining.done())), flush=True)
+            print(
+                json.dumps(_progress(rooms, failed, joining.done()) | {"loop_lag_max_s": lag_max}), flush=True
+            )
+            slept = time.monotonic()
             await asyncio.sleep(SAMPLE_S)
+            lag_max = max(lag_max, round(time.monotonic() - slept - SAMPLE_S, 2))
         joining.cancel()
         stopping.cancel()
         print(json.dumps(_progress(rooms, failed, True) | {"final": True}), flush=True)
@@ -114,6 +119,7 @@ def _progress(rooms: list[Room], failed: int, joined: bool) -> dict[str, Any]:
             n for room in rooms for status, n in room.stats.refused.items() if status != 503
         ),
         "unreachable": sum(room.stats.unreachable for room in rooms),
+        "refused_by_status": dict(sum((room.stats.refused for room in rooms), Counter())),
         "resumes": sum(room.stats.resumes for room in rooms),
     }
 
@@ -453,6 +459,11 @@ async def scenario(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             (sum(r.get("shed_503", 0) for r in s["replicas"] if r.get("alive")) for s in samples), default=0
         )
         result["final"] = fleet.totals()
+        # Per generator: refusals by status and the longest stall of its own event loop.
+        result["generators"] = [
+            {key: p.get(key) for key in ("refused_by_status", "loop_lag_max_s", "ended")}
+            for p in fleet.progress
+        ]
         result["marks"] = [(round(t - t_base, 1), what) for t, what in fleet.marks]
         result["timeline"] = [
             {"t": round(s["t"] - t_base, 1), "sockets": [r.get("sockets") for r in s["replicas"]],
