@@ -92,7 +92,10 @@ async def generator(url: str, count: int, seconds: float, concurrency: int, tag:
             lag_max = max(lag_max, round(time.monotonic() - slept - SAMPLE_S, 2))
         joining.cancel()
         stopping.cancel()
-        print(json.dumps(_progress(rooms, failed, True) | {"final": True}), flush=True)
+        print(
+            json.dumps(_progress(rooms, failed, True) | {"final": True, "loop_lag_max_s": lag_max}),
+            flush=True,
+        )
         # Leave without goodbyes: thousands of closes at once would be a wave of their own,
         # and the cluster is torn down next anyway.
         os._exit(0)
