@@ -82,12 +82,20 @@ async def generator(url: str, count: int, seconds: float, concurrency: int, tag:
 
         joining = asyncio.ensure_future(asyncio.gather(*(join(i) for i in range(count))))
         stopping = asyncio.create_task(_stdin_closed())
+        lag_max = 0.0  # the generator's own event-loop stall: its sockets wait on it, not the fleet
         while time.monotonic() < deadline and not stopping.done():
-            print(json.dumps(_progress(rooms, failed, joining.done())), flush=True)
+            print(
+                json.dumps(_progress(rooms, failed, joining.done()) | {"loop_lag_max_s": lag_max}), flush=True
+            )
+            slept = time.monotonic()
             await asyncio.sleep(SAMPLE_S)
+            lag_max = max(lag_max, round(time.monotonic() - slept - SAMPLE_S, 2))
         joining.cancel()
         stopping.cancel()
-        print(json.dumps(_progress(rooms, failed, True) | {"final": True}), flush=True)
+        print(
+            json.dumps(_progress(rooms, failed, True) | {"final": True, "loop_lag_max_s": lag_max}),
+            flush=True,
+        )
         # Leave without goodbyes: thousands of closes at once would be a wave of their own,
         # and the cluster is torn down next anyway.
         os._exit(0)
@@ -109,7 +117,12 @@ def _progress(rooms: list[Room], failed: int, joined: bool) -> dict[str, Any]:
         "closes_1012": sum(room.stats.close_codes[1012] for room in rooms),
         "closes_1006": sum(room.stats.close_codes[1006] for room in rooms),
         "refused_503": sum(room.stats.refused[503] for room in rooms),
+        # A proxy's own 408/500/502/504 (a room used to end on 408 and 500).
+        "refused_other": sum(
+            n for room in rooms for status, n in room.stats.refused.items() if status != 503
+        ),
         "unreachable": sum(room.stats.unreachable for room in rooms),
+        "refused_by_status": dict(sum((room.stats.refused for room in rooms), Counter())),
         "resumes": sum(room.stats.resumes for room in rooms),
     }
 
@@ -186,7 +199,7 @@ class Fleet:
 
     def totals(self) -> dict[str, int]:
         keys = ("rooms", "failed", "connected", "ended", "connects", "closes_1012", "closes_1006",
-                "refused_503", "unreachable", "resumes")  # fmt: skip
+                "refused_503", "refused_other", "unreachable", "resumes")  # fmt: skip
         total = {k: sum(int(p.get(k, 0)) for p in self.progress) for k in keys}
         total["connected"] += sum(m.connected for m in self.members)
         total["connects"] += sum(m.stats.connects for m in self.members)
@@ -449,6 +462,11 @@ async def scenario(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             (sum(r.get("shed_503", 0) for r in s["replicas"] if r.get("alive")) for s in samples), default=0
         )
         result["final"] = fleet.totals()
+        # Per generator: refusals by status and the longest stall of its own event loop.
+        result["generators"] = [
+            {key: p.get(key) for key in ("refused_by_status", "loop_lag_max_s", "ended")}
+            for p in fleet.progress
+        ]
         result["marks"] = [(round(t - t_base, 1), what) for t, what in fleet.marks]
         result["timeline"] = [
             {"t": round(s["t"] - t_base, 1), "sockets": [r.get("sockets") for r in s["replicas"]],

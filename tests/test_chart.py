@@ -421,3 +421,14 @@ def test_allowed_hosts_follow_ingress_route_and_service() -> None:
     assert url.removeprefix("ws://").split(":")[0] in ingress
     bad = run([tool("helm"), "template", RELEASE, str(CHART), "--set", "config.allowedHosts={a.com b.com}"])
     assert bad.returncode != 0
+
+
+def test_the_local_cluster_checks_readiness_as_the_kubelet_does() -> None:
+    """The dev HAProxy takes a replica out as the chart's readinessProbe would, not sooner."""
+    from chorus import devcluster
+
+    probe = _container(render(None, ()))["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/readyz"
+    assert probe["periodSeconds"] == devcluster.READINESS_PERIOD_S
+    assert probe["timeoutSeconds"] == devcluster.READINESS_TIMEOUT_S
+    assert probe["failureThreshold"] == devcluster.READINESS_FAILURES

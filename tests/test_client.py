@@ -595,3 +595,20 @@ async def test_a_connection_lost_during_the_opening_handshake_is_retried(
             await next_of(room, Message)
     assert ended.value.code == 4001, "the room went on to the next socket"
     assert room.stats.unreachable == 1 and room.stats.connects == 2
+
+
+@pytest.mark.parametrize("status", [408, 500, 503])
+async def test_a_proxy_refusing_without_retry_after_is_retried_until_the_server_is_there(status: int) -> None:
+    """HAProxy answers 408 (request line late), 500 or 503 (no server up) itself, with no Retry-After."""
+
+    async def script(ws: ServerConnection, n: int) -> None:
+        await ws.wait_closed()
+
+    async with scripted(script) as upstream:
+        port = int(upstream.rsplit(":", 1)[1])
+        async with (
+            refusing_front(port, refusals=2, status=status) as front,
+            connect(front.url, "r", reconnect=FAST) as room,
+        ):
+            assert room.connected
+    assert room.stats.refused[status] == 2 and len(front.arrivals) == 3

@@ -102,3 +102,23 @@ async def test_refusals_stop_when_shed_sockets_never_come_back() -> None:
     broker.others = [load("b", 260), load("c", 20)]
     await rebalancer.beat()
     assert not rebalancer.refusing, "not again until the fleet is balanced"
+
+
+@pytest.mark.anyio
+async def test_no_moves_for_the_settle_time_after_a_process_left_the_fleet() -> None:
+    # A rollout between two steps: every process left is ready and has been for long, but one
+    # just left (drained and exited); the next step would drain the sockets moved now.
+    broker, hub = _Broker(), _Hub(300)
+    rebalancer = Rebalancer(
+        cast(Any, broker), cast(Any, hub), cast(Any, _Health()),
+        process="a", interval=1.0, tolerance=0.1, rate=1000.0, settle=30.0,
+    )  # fmt: skip
+    rebalancer._ready_since = -60.0  # "a" itself has been ready for long
+    broker.others = [load("b", 300), load("old", 0, ready=False)]  # drained, about to exit
+    await rebalancer.beat()
+    broker.others = [load("b", 300), load("new", 0)]  # "old" exited; "new" ready for 60 s
+    await rebalancer.beat()
+    assert not rebalancer.refusing and not any(conn.closing for conn in hub.connections)
+    rebalancer._left_at -= 30.0  # the settle time has passed since
+    await rebalancer.beat()
+    assert rebalancer.refusing and any(conn.closing for conn in hub.connections)

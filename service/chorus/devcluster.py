@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 
 class HarnessError(RuntimeError):
@@ -291,6 +291,13 @@ class RedisCluster:
 # hard limit (this machine's, not raisable even as root), so a storm of 10,000 and more runs
 # `proxies` HAProxy processes side by side, as a Service is served by every node's proxy.
 PROXY_MAXCONN = 9000
+# HAProxy's health check mirrors the chart's readinessProbe (helm/chorus/values.yaml; the
+# kubelet's view of /readyz, checked equal by tests/test_chart.py): period, timeout, failures.
+# The check used to be 500 ms with the timeout equal to it, and marked busy replicas DOWN 6-17
+# times per 10,000-socket storm where a kubelet would have waited.
+READINESS_PERIOD_S: Final = 2
+READINESS_TIMEOUT_S: Final = 2
+READINESS_FAILURES: Final = 2
 HAPROXY_CONFIG = """\
 global
     maxconn {maxconn}
@@ -310,7 +317,8 @@ frontend chorus
 backend replicas
     balance roundrobin
     option httpchk GET /readyz
-    default-server inter 500ms fall 2 rise 1
+    timeout check {check_timeout}s
+    default-server inter {check_period}s fall {check_failures} rise 1
 {retry}{servers}
 """
 # An L7 balancer may send a refused handshake to the next replica itself (nginx calls it
@@ -463,7 +471,14 @@ class LocalCluster:
         retry = RETRY_ON_503 if self.proxy_retry_503 else ""
         config.write_text(
             HAPROXY_CONFIG.format(
-                port=port, servers=servers, stats=stats, maxconn=self.proxy_maxconn, retry=retry
+                port=port,
+                servers=servers,
+                stats=stats,
+                maxconn=self.proxy_maxconn,
+                retry=retry,
+                check_period=READINESS_PERIOD_S,
+                check_timeout=READINESS_TIMEOUT_S,
+                check_failures=READINESS_FAILURES,
             )
         )
         proxy = Process(

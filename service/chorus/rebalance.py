@@ -9,7 +9,8 @@ it, each process above the mean closes sockets with 1012 `rebalance` (clients re
 `CHORUS_REBALANCE_RATE` per second with jitter, and re-reads the fleet every beat. It holds
 off while the fleet is changing: while any process is not ready or has been ready for less
 than `CHORUS_REBALANCE_SETTLE_SECONDS` (a rollout's surge pod must not be filled and then
-killed), and while it drains itself.
+killed), for the settle time after a process left the fleet (a rollout between two steps: the
+old pod exited, the next one is not started yet), and while it drains itself.
 
 The balancer picks where each reconnect lands. With round robin a shed socket lands on any
 process, so most land on another full one and are shed again: 2.7-2.8x the minimum number of
@@ -138,6 +139,8 @@ class Rebalancer:
         self._refuse_until = 0.0  # time.monotonic() until which handshakes are refused
         self._peak = 0  # the fleet's largest total since it went out of balance
         self._gave_up = False  # too many shed sockets stayed away: no refusals until balanced
+        self._members: set[str] = set()  # the processes in the last fleet report
+        self._left_at = -float("inf")  # time.monotonic() when one of them last left
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -192,14 +195,29 @@ class Rebalancer:
             self._peak, self._gave_up = 0, False
         return None if self._gave_up else missing
 
+    def _steady(self, fleet: list[Load]) -> bool:
+        """False for `settle` seconds after a process left the fleet (drained, crashed, scaled in).
+
+        Readiness alone saw a rollout as settled between steps: at 10,000 sockets a roll step
+        (surge ready, old drained and gone) outlasted the 30 s settle, and rebalancing moved
+        sockets onto replicas the next step drained: 17,974 closes, 1.8 per socket.
+        """
+        names = {load.process for load in fleet}
+        if self._members - names:
+            self._left_at = time.monotonic()
+        self._members = names
+        return time.monotonic() - self._left_at >= self.settle
+
     async def beat(self) -> None:
         """Report, read the fleet, and shed for up to one interval when above the tolerance."""
         load = self._load(time.time())
         fleet = await self._broker.report_load(self.process, load, ttl=self.interval * HEARTBEATS_TO_EXPIRE)
+        steady = self._steady(fleet)
         in_flight = self._in_flight(fleet)
         missing = in_flight or 0
         if (
             not self.refuse
+            or not steady
             or in_flight is None
             or self.rate <= 0
             or not refuses(load, fleet, self.tolerance, self.settle, missing=missing)
@@ -207,7 +225,7 @@ class Rebalancer:
             self._refuse_until = 0.0
         else:
             self._refuse_until = time.monotonic() + self.interval * REFUSE_BEATS
-        if self.rate <= 0 or not load.ready or not settled(fleet, self.settle):
+        if self.rate <= 0 or not steady or not load.ready or not settled(fleet, self.settle):
             return
         extra = excess(load.sockets, fleet, self.tolerance, missing=missing)
         extra = min(extra, int(self.rate * self.interval) or 1)

@@ -16,10 +16,19 @@ FATAL_CLOSE_CODES: Final = frozenset(
     {CLOSE_UNSUPPORTED_DATA, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_DISCONNECTED}
 )
 
-# Handshake statuses that waiting can fix: a full or draining replica (503), a user over
-# CHORUS_MAX_CONNECTIONS_PER_USER while a dead replica's leases run out (429), a proxy with no
-# live backend (502, 504). Everything else (400 bad name or room, 403 token) is final.
-RETRYABLE_STATUSES: Final = frozenset({429, 502, 503, 504})
+# Handshake statuses that waiting can fix besides every 5xx: a proxy that timed out waiting for
+# the request line (HAProxy's own 408 when a busy client loop sends it late), a user over
+# CHORUS_MAX_CONNECTIONS_PER_USER while a dead replica's leases run out (429), and 425. Every
+# 5xx is a server's or proxy's state (a full or draining replica's 503, a proxy with no live
+# backend answering its own 502/503/504 without Retry-After, a 500 from a replica mid-crash):
+# a client of a fleet must outlast them all. Every other 4xx (400 bad name or room, 403 token)
+# is final: the same request would be refused again.
+RETRYABLE_STATUSES: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def retryable_status(status: int) -> bool:
+    """True when waiting can fix a handshake refused with `status`: 408, 425, 429 and every 5xx."""
+    return status in RETRYABLE_STATUSES or 500 <= status <= 599
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from websockets.typing import Subprotocol
 from ..protocol import CLIENT_ID_MAX, MAX_HISTORY, ROOM_RE, USERNAME_RE, StreamId
 from .errors import Disconnected, HandshakeRefused, NotConnected, SendRejected, SendUnconfirmed
 from .events import Ack, Error, Event, Resync, Welcome, parse_frame, stream_id
-from .retry import FATAL_CLOSE_CODES, RETRYABLE_STATUSES, Reconnect, parse_retry_after
+from .retry import FATAL_CLOSE_CODES, Reconnect, parse_retry_after, retryable_status
 from .stats import Stats
 
 CLOSE_ABNORMAL: Final = 1006  # RFC 6455: the TCP connection ended without a close frame
@@ -40,8 +40,9 @@ class Room:
     The room reconnects by itself on close codes reconnecting can fix (1006 network, 1011 broker,
     1012 draining replica, 1013 slow consumer, ...), resumes with `since=<last_id>` and drops
     messages it has already seen, so iteration yields each message once, in order. On 1003,
-    1008, 1009 or 4001, a refused handshake other than 429/502/503/504, or when the `Reconnect`
-    budget is spent, the room ends: iteration and `send()` raise `Disconnected`.
+    1008, 1009 or 4001, a handshake refused with a 4xx other than 408/425/429 (a 5xx is always
+    retried), or when the `Reconnect` budget is spent, the room ends: iteration and `send()`
+    raise `Disconnected`.
     """
 
     def __init__(
@@ -289,7 +290,7 @@ class Room:
                 self.stats.refused[status] += 1
                 retry_after = parse_retry_after(exc.response.headers.get("Retry-After"))
                 refused = HandshakeRefused(status, _detail(exc.response.body), retry_after)
-                if status not in RETRYABLE_STATUSES:
+                if not retryable_status(status):
                     self._finish(refused)
                     return
                 last_failure = refused
