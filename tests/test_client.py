@@ -133,6 +133,36 @@ async def test_a_drained_replica_moves_the_client_to_another_with_no_loss_and_no
     assert await asyncio.to_thread(cluster.replicas[victim].wait, 15) == 0
 
 
+async def test_a_member_that_saw_no_message_resumes_from_its_welcome_and_misses_nothing(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    cluster = make_cluster(2)
+    async with connect(cluster.replica_ws_url(1), "quiet", username="early") as early:
+        for i in range(3):  # history the bot does not ask for (history=0) and must not be replayed
+            await early.send(f"old{i}")
+    got: list[Message] = []
+    async with connect(cluster.replica_ws_url(0), "quiet", username="bot", history=0, reconnect=FAST) as bot:
+        # Nothing delivered yet: the bot's only position is its welcome's (the room's last entry).
+        assert bot.last_id is None
+        await asyncio.to_thread(cluster.stop_replica, 0)  # drained: 1012, then nowhere to go
+        async with connect(cluster.replica_ws_url(1), "quiet", username="writer") as writer:
+            posted = [(await writer.send(f"away{i}")).id for i in range(3)]
+        await asyncio.to_thread(cluster.start_replica, 0)
+
+        async def read() -> None:
+            async for event in bot:
+                if isinstance(event, Message):
+                    got.append(event)
+                    if len(got) == len(posted):
+                        return
+
+        async with asyncio.timeout(30):
+            await read()
+        assert bot.stats.resumes >= 1, "it resumed (since=<welcome last_id>), not a fresh join"
+    assert [m.text for m in got] == ["away0", "away1", "away2"], "what was posted while away, once, in order"
+    assert [m.id for m in got] == posted
+
+
 async def test_a_full_replica_refuses_with_503_and_the_client_joins_once_there_is_room(
     make_cluster: Callable[..., LocalCluster],
 ) -> None:

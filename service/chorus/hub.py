@@ -56,6 +56,7 @@ class Room:
         "name",
         "presence",
         "ready",
+        "ready_id",
         "subscription",
         "task",
     )
@@ -68,6 +69,7 @@ class Room:
         self.subscription: Subscription | None = None  # set before `ready`
         self.members: set[Connection] = set()
         self.last_id: StreamId = ZERO_ID
+        self.ready_id: StreamId = ZERO_ID  # the stream's newest id when the subscription went live
         self.last_fanout = -math.inf  # time.monotonic() of the previous live fan-out
         # Seconds between live fan-outs, a moving mean (capped: a long pause is just "quiet").
         self.mean_gap = MEAN_GAP_CAP
@@ -106,10 +108,11 @@ class Hub:
         self._by_tag: dict[bytes, Connection] = {}
         self._by_user: dict[str, set[Connection]] = {}
 
-    async def join(self, conn: Connection) -> None:
-        """Register `conn` and wait until its room's subscription is live.
+    async def join(self, conn: Connection) -> StreamId:
+        """Register `conn` and wait until its room's subscription is live; return its position.
 
-        From then on every message published reaches `conn` (buffered until `replay` ends).
+        Every message after the position reaches `conn` (buffered until `replay` ends), so a
+        client that has seen no message yet can resume from it (the welcome's `last_id`).
         Raises BrokerUnavailable when the subscription cannot be made live in time.
         """
         room = self.rooms.get(conn.room)
@@ -121,6 +124,9 @@ class Hub:
             )
             room.task = asyncio.create_task(self._run_room(room), name=f"room:{conn.room}")
             metrics.ROOMS.inc()
+        # A live room fans out to `conn` from now on: what it fanned out last is the position.
+        # A room still subscribing reads the stream's end once it is live (`ready_id`).
+        position = room.last_id if room.ready.is_set() else None
         room.members.add(conn)
         self.connections.add(conn)
         self._by_tag[conn.tag] = conn
@@ -132,6 +138,7 @@ class Hub:
                 await room.subscription.live()
         except TimeoutError:
             raise BrokerUnavailable("the room's subscription did not become live in time") from None
+        return room.ready_id if position is None else position
 
     async def replay(
         self,
@@ -262,6 +269,7 @@ class Hub:
                 room.subscription = subscription
                 await subscription.live()
                 room.last_id = await self._retry(f"room {room.name}", lambda: self.broker.last_id(room.name))
+                room.ready_id = room.last_id
                 room.ready.set()
                 while True:
                     event = await subscription.get()

@@ -271,10 +271,11 @@ def decode_published(payload: bytes) -> Published:
     )
 
 
-def welcome_frame(room: str, user: str, replica: str, online: int) -> str:
-    return orjson.dumps(
-        {"type": "welcome", "room": room, "user": user, "replica": replica, "online": online}
-    ).decode()
+def welcome_frame(room: str, user: str, replica: str, online: int, last_id: StreamId) -> str:
+    """The first frame; `last_id`: every message after it reaches this socket (resume from it
+    when no message has arrived yet; "0-0" in an empty room)."""
+    body = {"type": "welcome", "room": room, "user": user, "replica": replica, "online": online}
+    return orjson.dumps({**body, "last_id": str(last_id)}).decode()
 
 
 def presence_frame(room: str, event: str, user: str, online: int) -> str:

@@ -248,7 +248,7 @@ async def _session(
     state = _SocketState(identity)
     try:
         try:
-            await hub.join(conn)
+            position = await hub.join(conn)
             # Presence, the backlog read and the room record: one round trip (chorus.joins).
             online, backlog = await joins.enter(
                 runtime.broker,
@@ -261,7 +261,7 @@ async def _session(
                 replay_limit=hub.replay_limit,
             )
             handshake.end()  # before the welcome is written: a client that waits for it never overlaps
-            conn.offer(welcome_frame(room, user, settings.replica_name, online), force=True)
+            conn.offer(welcome_frame(room, user, settings.replica_name, online, position), force=True)
             await hub.replay(conn, since=since, resume=resume, history=history, backlog=backlog)
             if backlog is None:
                 await _record_join(runtime, user, room)

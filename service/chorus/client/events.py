@@ -25,13 +25,18 @@ class Event:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Welcome(Event):
-    """First frame of every connection: the room's subscription on `replica` is live."""
+    """First frame of every connection: the room's subscription on `replica` is live.
+
+    Every message after `last_id` reaches this connection ("0-0": the room was empty; None
+    from a server older than the field).
+    """
 
     type: str = "welcome"
     room: str
     user: str
     replica: str
     online: int
+    last_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -160,7 +165,12 @@ class Read(Event):
 
 def _welcome(f: Mapping[str, Any]) -> Event:
     return Welcome(
-        room=_s(f, "room"), user=_s(f, "user"), replica=_s(f, "replica"), online=_i(f, "online"), raw=f
+        room=_s(f, "room"),
+        user=_s(f, "user"),
+        replica=_s(f, "replica"),
+        online=_i(f, "online"),
+        last_id=_opt_s(f, "last_id"),
+        raw=f,
     )
 
 

@@ -81,6 +81,10 @@ class Room:
         self._token = token
         self._history = history
         self._last: StreamId | None = StreamId.parse(since) if since is not None else None
+        # Where a fresh (not resumed) connection's live stream began (the welcome's `last_id`):
+        # a member that has seen no message since resumes from it, so what is posted while it
+        # reconnects is not lost (a history=0 bot in a quiet room lost it before).
+        self._origin: StreamId | None = None
         self._policy = reconnect or Reconnect()
         self._open_timeout = open_timeout
         self._send_timeout = send_timeout
@@ -102,7 +106,8 @@ class Room:
 
     @property
     def last_id(self) -> str | None:
-        """The id of the newest message seen; a reconnect resumes after it."""
+        """The id of the newest message seen (None before the first); a reconnect resumes after
+        it, or after the welcome's `last_id` while there is none."""
         return None if self._last is None else str(self._last)
 
     @property
@@ -316,8 +321,9 @@ class Room:
         params: dict[str, str] = {}
         if self._username is not None:
             params["username"] = self._username
-        if self._last is not None:
-            params["since"] = str(self._last)
+        position = self._position()
+        if position is not None:
+            params["since"] = str(position)
         elif self._history is not None:
             params["history"] = str(self._history)
         subprotocols: list[Subprotocol] | None = None
@@ -334,7 +340,7 @@ class Room:
 
     async def _session(self, ws: ClientConnection) -> tuple[bool, int, str]:
         """Serve one socket until it closes: (welcomed, close code, close reason)."""
-        resumed = self._last is not None
+        resumed = self._position() is not None
         welcomed = False
         try:
             first = parse_frame(await asyncio.wait_for(ws.recv(), self._open_timeout))
@@ -369,6 +375,9 @@ class Room:
         if resumed:
             self.stats.resumes += 1
         self.user, self.replica = welcome.user, welcome.replica
+        if not resumed and welcome.last_id is not None:
+            with contextlib.suppress(ValueError):
+                self._origin = StreamId.parse(welcome.last_id)
         self._ws = ws
         self._live.set()
 
@@ -392,9 +401,16 @@ class Room:
         elif isinstance(event, Resync):
             # The server cannot resume from our id (trimmed, or Redis lost the stream): start over.
             self.stats.resyncs += 1
-            self._last = None
+            self._last = self._origin = None
             self._acked.clear()
         await self._emit(event)
+
+    def _position(self) -> StreamId | None:
+        """What a reconnect resumes after: the newest id seen, or where the live stream began
+        when that is newer (a replay of history cut short needs no more of it); None: fresh."""
+        if self._last is None or (self._origin is not None and self._origin > self._last):
+            return self._origin
+        return self._last
 
     def _advance(self, msg_id: StreamId) -> None:
         if self._last is None or msg_id > self._last:
