@@ -9,6 +9,8 @@ fast path, and an upgrade that loses it fails here, loudly.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -23,6 +25,25 @@ from chorus.server import UVICORN_OPTIONS
 from chorus.sockets import PINNED_UVICORN, RAW_SEND, UVICORN_INTERNALS, FrameWriter, close_now, lighten
 
 pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def _served(app: Any, **config: Any) -> AsyncIterator[int]:
+    """The pinned uvicorn serving `app` on a free port with Chorus's options, for the block."""
+    port = free_port()
+    options = {key: value for key, value in UVICORN_OPTIONS.items() if key != "loop"}
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, **{**options, **config})
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                await asyncio.sleep(0.02)
+        yield port
+    finally:
+        server.should_exit = True
+        await task
 
 
 def test_the_installed_uvicorn_is_the_pinned_one() -> None:
@@ -49,22 +70,10 @@ async def test_frame_writer_and_close_now_take_the_fast_path_under_the_pinned_se
             writer.write(["fast"])
         seen["closed"] = close_now(scope, 1013, "slow consumer")
 
-    port = free_port()
-    options = {key: value for key, value in UVICORN_OPTIONS.items() if key != "loop"}
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, **options)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                await asyncio.sleep(0.02)
-            async with connect(f"ws://127.0.0.1:{port}/") as ws:
-                assert await ws.recv() == "fast", "FrameWriter's frame did not arrive as a text frame"
-                await ws.wait_closed()
-                assert ws.close_code == 1013, "close_now's close frame did not arrive"
-    finally:
-        server.should_exit = True
-        await task
+    async with _served(app) as port, asyncio.timeout(10), connect(f"ws://127.0.0.1:{port}/") as ws:
+        assert await ws.recv() == "fast", "FrameWriter's frame did not arrive as a text frame"
+        await ws.wait_closed()
+        assert ws.close_code == 1013, "close_now's close frame did not arrive"
     assert seen["missing"] == [], f"uvicorn's protocol lost {seen['missing']} (chorus.sockets reads them)"
     assert seen["writer"] is not None, "FrameWriter.for_send returned None: the fast path is gone"
     assert seen["closed"] is True, "close_now returned False: a slow consumer's close would wait forever"
@@ -99,15 +108,8 @@ async def test_lighten_and_keepalive_take_over_an_established_socket_under_the_p
             keepalive.forget(handle)
             seen["after"] = len(keepalive)
 
-    port = free_port()
-    options = {key: value for key, value in UVICORN_OPTIONS.items() if key != "loop"}
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, ws_ping_interval=20, **options)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
     try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                await asyncio.sleep(0.02)
+        async with _served(app, ws_ping_interval=20) as port, asyncio.timeout(10):
             async with connect(f"ws://127.0.0.1:{port}/") as ws:
                 for word in ("one", "two"):
                     await ws.send(word)
@@ -119,8 +121,6 @@ async def test_lighten_and_keepalive_take_over_an_established_socket_under_the_p
                 await asyncio.sleep(0.02)
     finally:
         keepalive.stop()
-        server.should_exit = True
-        await task
     assert seen["handle"] is not None, "lighten returned None: the lean path is gone"
     assert seen["uvicorn timer"] is None, "uvicorn's own ping timer still runs beside chorus.keepalive"
     assert seen["headers"] == [], "the handshake's headers are still held"

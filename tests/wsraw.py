@@ -47,7 +47,13 @@ def frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
 
 def read_close_code(sock: socket.socket, timeout: float) -> int | None:
     """Read frames until a close frame; return its code (None when it has none)."""
+    return read_until_close(sock, timeout)[0]
+
+
+def read_until_close(sock: socket.socket, timeout: float) -> tuple[int | None, int]:
+    """Read frames (answering none) until a close frame: (its code or None, pings seen)."""
     sock.settimeout(timeout)
+    pings = 0
     buf = b""
 
     def need(n: int) -> bytes:
@@ -68,5 +74,7 @@ def read_close_code(sock: socket.socket, timeout: float) -> int | None:
         elif length == 127:
             (length,) = struct.unpack("!Q", need(8))
         payload = need(length)
-        if b0 & 0x0F == 0x8:
-            return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+        if b0 & 0x0F == 0x9:
+            pings += 1
+        elif b0 & 0x0F == 0x8:
+            return (struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None), pings
