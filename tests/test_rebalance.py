@@ -7,7 +7,14 @@ from typing import Any, cast
 import pytest
 
 from chorus.broker import Load
-from chorus.rebalance import Rebalancer, excess, missing_allowed, refuses
+from chorus.rebalance import (
+    REFUSE_AFTER_SHEDDING_SECONDS,
+    Rebalancer,
+    excess,
+    missing_allowed,
+    refuses,
+    sheds_somewhere,
+)
 
 
 def load(process: str, sockets: int, *, ready: bool = True, ready_for: float = 60.0) -> Load:
@@ -122,3 +129,29 @@ async def test_no_moves_for_the_settle_time_after_a_process_left_the_fleet() -> 
     rebalancer._left_at -= 30.0  # the settle time has passed since
     await rebalancer.beat()
     assert rebalancer.refusing and any(conn.closing for conn in hub.connections)
+
+
+@pytest.mark.anyio
+async def test_refusals_lapse_once_no_process_has_anything_to_shed() -> None:
+    # c stays under 0.9x the mean, but no process is MIN_EXCESS over it: no more moves come, and a
+    # client that can reach "a" only (a bot given the pod's address) must get in again.
+    broker, hub = _Broker(), _Hub(52)
+    rebalancer = Rebalancer(
+        cast(Any, broker), cast(Any, hub), cast(Any, _Health()),
+        process="a", interval=1.0, tolerance=0.1, rate=20.0, settle=0.0,
+    )  # fmt: skip
+    broker.others = [load("b", 70), load("c", 23)]  # b sheds down to the mean of 48
+    await rebalancer.beat()
+    assert rebalancer.refusing, "b's shed sockets go to c, not to a"
+    broker.others = [load("b", 53), load("c", 40)]  # b is done; c is still out of tolerance
+    await rebalancer.beat()
+    assert rebalancer.refusing, "the sockets b shed moments ago are still on their way"
+    rebalancer._shed_seen_at -= REFUSE_AFTER_SHEDDING_SECONDS
+    await rebalancer.beat()
+    assert not rebalancer.refusing
+
+
+def test_no_refusal_in_a_fleet_where_no_process_would_shed() -> None:
+    fleet = [load("a", 52), load("b", 53), load("c", 40)]
+    assert refuses(fleet[0], fleet, 0.1, 30), "a is above the mean and c is out of tolerance"
+    assert not sheds_somewhere(fleet, 0.1), "but nobody is MIN_EXCESS over the mean"

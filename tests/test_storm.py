@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -180,18 +181,21 @@ async def test_a_scale_out_rebalances_and_loses_nothing(make_cluster: Callable[.
     count = 150
     async with AsyncExitStack() as stack:
         rooms = await _members(cluster.ws_url, count, stack)
+        # The sender reaches replica 0 only, as a bot given a pod's address does: if it is moved,
+        # it must get back in there once the fleet has nothing left to shed (count + 1 below).
         sender = await stack.enter_async_context(
             connect(cluster.replica_ws_url(0), "live", username="sender", history=0)
         )
         async with collecting(rooms) as seen:
             ids = await _publish_while(sender, lambda: cluster.start_replica(2))
 
-            seen_counts: list[list[int]] = []
+            seen_counts: list[tuple[float, list[int]]] = []
+            began = time.monotonic()
 
             def converged() -> bool:
                 counts = [sockets_on(cluster, i) for i in range(3)]
-                if not seen_counts or seen_counts[-1] != counts:
-                    seen_counts.append(counts)
+                if not seen_counts or seen_counts[-1][1] != counts:
+                    seen_counts.append((round(time.monotonic() - began, 1), counts))
                 mean = sum(counts) / 3
                 # Within the tolerance, or no replica 10 or more over the mean (fewer are not moved).
                 within = max(abs(c - mean) for c in counts) <= tolerance * mean
@@ -200,7 +204,11 @@ async def test_a_scale_out_rebalances_and_loses_nothing(make_cluster: Callable[.
             try:
                 await asyncio.to_thread(wait_until, converged, 60, "the fleet to converge on its mean")
             except HarnessError as exc:
-                raise AssertionError(f"{exc}; sockets per replica went {seen_counts[-12:]}") from None
+                away = [room.stats for room in (*rooms, sender) if not room.connected]
+                raise AssertionError(
+                    f"{exc}; sockets per replica went {seen_counts[:6]} ... {seen_counts[-12:]};"
+                    f" rooms away: {away[:3]}"
+                ) from None
             await _everyone_has(seen, ids)
         moved = sum(room.stats.close_codes[1012] for room in (*rooms, sender))  # the sender may move too
         assert moved > 0, "sockets moved to the new replica"

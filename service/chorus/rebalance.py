@@ -22,9 +22,12 @@ at most two beats old (a process that cannot report stops refusing on its own), 
 fleet of one, never while draining (draining's own refusal comes first), and not once the
 fleet's total has fallen by more than `missing_allowed` since the refusing began: if the
 under-full process is ready but the balancer sends it no one, refusing would shed the fleet
-down to nothing, while without the refusal the shed sockets come back as before. A process
-aims at the mean, counting the sockets shed moments ago and not yet back, and checks the
-fleet again each beat.
+down to nothing, while without the refusal the shed sockets come back as before. Nor once no
+process has had anything to shed for `REFUSE_AFTER_SHEDDING_SECONDS`: a fleet can stay just
+out of tolerance with every process under `MIN_EXCESS` above the mean, and a client that
+reaches one replica only (a bot given a pod's address) was refused for as long as that
+lasted. A process aims at the mean, counting the sockets shed moments ago and not yet back,
+and checks the fleet again each beat.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ REFUSE_BEATS: Final = 2
 # what every process could shed in this many seconds, whichever is more (a shed socket
 # reconnects within its backoff plus a 1-2 s Retry-After per refusal: 5-6 s measured with 600).
 REFUSE_MISSING_SECONDS: Final = 10.0
+# Refusals steer the sockets shed moments ago to the under-full process; this long after the
+# last process with something to shed, every one of them has had its reconnects (see above).
+REFUSE_AFTER_SHEDDING_SECONDS: Final = 10.0
 # A handful of sockets over the mean costs nothing; moving them costs each a reconnect (and
 # would close sockets of small test fleets where round robin cannot split evenly).
 MIN_EXCESS: Final = 10
@@ -81,6 +87,11 @@ def excess(mine: int, fleet: list[Load], tolerance: float, *, missing: int = 0) 
     if _balanced(fleet, mean, tolerance) or mine - mean < MIN_EXCESS:
         return 0
     return int(mine - mean)
+
+
+def sheds_somewhere(fleet: list[Load], tolerance: float, *, missing: int = 0) -> bool:
+    """True when some process in the fleet has sockets to shed (see `excess`)."""
+    return any(excess(load.sockets, fleet, tolerance, missing=missing) > 0 for load in fleet)
 
 
 def settled(fleet: list[Load], settle: float) -> bool:
@@ -141,6 +152,7 @@ class Rebalancer:
         self._gave_up = False  # too many shed sockets stayed away: no refusals until balanced
         self._members: set[str] = set()  # the processes in the last fleet report
         self._left_at = -float("inf")  # time.monotonic() when one of them last left
+        self._shed_seen_at = -float("inf")  # time.monotonic() when a process last had an excess
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -215,10 +227,13 @@ class Rebalancer:
         steady = self._steady(fleet)
         in_flight = self._in_flight(fleet)
         missing = in_flight or 0
+        if sheds_somewhere(fleet, self.tolerance, missing=missing):
+            self._shed_seen_at = time.monotonic()
         if (
             not self.refuse
             or not steady
             or in_flight is None
+            or time.monotonic() - self._shed_seen_at >= REFUSE_AFTER_SHEDDING_SECONDS
             or self.rate <= 0
             or not refuses(load, fleet, self.tolerance, self.settle, missing=missing)
         ):
