@@ -1,6 +1,7 @@
 """The broker in process, against the session's real redis-server and in memory: the one door.
 
-Each test says which promise of `chorus.broker` broke: ids and order, live delivery through
+Each test says which promise of the broker (`chorus.broker` and its implementations in
+`chorus.redis_broker` and `chorus.memory_broker`) broke: ids and order, live delivery through
 `subscribe`, a `Gap` after the pub/sub connection was lost, history reads.
 """
 
@@ -19,14 +20,14 @@ from chorus.broker import (
     BrokerUnavailable,
     Change,
     Gap,
-    MemoryBroker,
     Message,
-    RedisBroker,
     Subscription,
 )
 from chorus.config import Settings
 from chorus.devcluster import RedisServer
+from chorus.memory_broker import MemoryBroker
 from chorus.protocol import TYPE_DELETE, ZERO_ID, StreamId, change_tail, decode_published
+from chorus.redis_broker import RedisBroker
 from tests.chat import poll
 
 pytestmark = pytest.mark.anyio

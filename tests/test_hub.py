@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from chorus.broker import RedisBroker
 from chorus.config import Settings
 from chorus.connection import Connection
 from chorus.devcluster import RedisServer
 from chorus.hub import Hub
 from chorus.protocol import message_tail
+from chorus.redis_broker import RedisBroker
 from tests.chat import poll
 
 pytestmark = pytest.mark.anyio

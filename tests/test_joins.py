@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from chorus import joins
-from chorus.broker import RedisBroker
 from chorus.config import Settings
 from chorus.devcluster import RedisServer
 from chorus.presence import Member, RedisPresence
 from chorus.protocol import ZERO_ID, StreamId, message_tail
+from chorus.redis_broker import RedisBroker
 
 pytestmark = pytest.mark.anyio
 

@@ -194,7 +194,7 @@ class ChannelBackend(BroadcastBackend):
         self._put = put
 
     async def publish(self, channel: str, message: Any) -> None:
-        raise NotImplementedError("Chorus publishes through its command connection (chorus.broker)")
+        raise NotImplementedError("Chorus publishes through its command connection (chorus.redis_broker)")
 
     async def next_published(self) -> Event:
         return await self._queue.get()

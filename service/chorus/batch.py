@@ -15,7 +15,7 @@ from typing import Any
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from .broker import RedisCommands
+from .redis_broker import RedisCommands
 
 
 class Batch:

@@ -17,9 +17,9 @@ from typing import Any
 from . import keys
 from .batch import Batch
 from .broker import Broker, BrokerUnavailable, Entry
-from .broker import _entries as entries_of  # the broker's decoding of stream rows, shared
 from .presence import Member, Presence, RedisPresence
 from .protocol import ZERO_ID, StreamId
+from .redis_broker import entries_from_rows  # the Redis broker's decoding of stream rows, shared
 
 log = logging.getLogger("chorus.joins")
 
@@ -81,7 +81,7 @@ async def enter(
         return int(online), Backlog(after=_after(rows, since))
     messages = sum(1 for _, fields in rows if b"k" not in fields)
     complete = messages >= history or len(rows) < page
-    return int(online), Backlog(recent=entries_of(rows[::-1]) if complete else None)
+    return int(online), Backlog(recent=entries_from_rows(rows[::-1]) if complete else None)
 
 
 def _reply(reply: Any) -> Any:
@@ -92,7 +92,7 @@ def _reply(reply: Any) -> Any:
 
 def _after(rows: list[tuple[bytes, dict[bytes, bytes]]], since: StreamId | None) -> list[Entry] | None:
     if since == ZERO_ID:
-        return entries_of(rows)
+        return entries_from_rows(rows)
     if not rows or rows[0][0] != str(since).encode():
         return None
-    return entries_of(rows[1:])
+    return entries_from_rows(rows[1:])

@@ -17,7 +17,7 @@ def _key(kind: str, tag: str) -> str:
     return f"{PREFIX}:{kind}:{{{tag}}}"
 
 
-# -- a room's messages (chorus.broker)
+# -- a room's messages (chorus.broker, chorus.redis_broker)
 
 
 def channel(room: str) -> str:

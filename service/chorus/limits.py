@@ -21,8 +21,9 @@ from collections.abc import Awaitable
 from typing import Any, Final
 
 from . import keys
-from .broker import Broker, BrokerUnavailable, RedisCommands
+from .broker import Broker, BrokerUnavailable
 from .config import Settings
+from .redis_broker import RedisCommands
 
 log = logging.getLogger("chorus.limits")
 

@@ -8,7 +8,7 @@ one event-loop turn is written in one `send` on one connection, and the replies,
 returns in order, are matched to their callers as they arrive (one `recv` for as many as
 came together). Ordering is Redis's: commands run in the order they were written.
 
-`RedisCommands` (chorus.broker) owns the one `ScriptPipeline` of a process and bounds each
+`RedisCommands` (chorus.redis_broker) owns the one `ScriptPipeline` of a process and bounds each
 call in time and in depth as it bounds every command; a Cluster has none (a room's keys live
 on one shard of many: redis-py's cluster client keeps routing those). When the connection
 fails, every call written or waiting on it fails with ConnectionError (BrokerUnavailable for

@@ -24,9 +24,10 @@ from typing import Any, Final
 
 from . import keys
 from .batch import Batch
-from .broker import Broker, BrokerUnavailable, RedisCommands
+from .broker import Broker, BrokerUnavailable
 from .config import Settings
 from .protocol import encode_published, presence_frame, user_key
+from .redis_broker import RedisCommands
 
 log = logging.getLogger("chorus.presence")
 

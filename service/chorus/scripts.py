@@ -1,4 +1,4 @@
-"""The broker's Lua scripts for changes to messages, typing and read markers (run by chorus.broker only).
+"""The broker's Lua scripts for changes to messages, typing and read markers (run by chorus.redis_broker).
 
 Each runs in one step on the room's shard (its keys share the room's hash tag), so a check and
 the append it guards cannot be split by another client.
