@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--step-seconds", type=float, default=3.0)
     parser.add_argument(
-        "--big-rates", type=lambda v: [int(x) for x in v.split(",")], default=list(BIG_ROOM_DPS),
+        "--big-rates", type=lambda v: [int(x) for x in v.split(",") if x], default=list(BIG_ROOM_DPS),
         help="deliveries/s into the room of 100, comma-separated (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(

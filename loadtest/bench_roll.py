@@ -9,7 +9,9 @@ reconnect work does not sit on the event loop that times the live room), and in 
 live room: one publisher sending `--rate` messages/s, `--members` resuming `chorus.client`
 members recording every message id and its delivery latency (send wall time carried in the
 text, same host clock). A sampler records every 0.5 s: sockets per replica (`/metrics`),
-`/readyz` of every live replica, Redis CPU (/proc of redis-server, both user and system),
+`/readyz` of every live replica, Redis CPU (/proc of redis-server, both user and system), the
+CPU of each group of processes (replicas, generators, proxies, Redis, this process) and how busy
+the machine's cores were (/proc/stat), so a figure says whose CPU set the pace,
 connects and 1012 closes the clients saw.
 
 * roll: a Deployment with maxSurge 1 / maxUnavailable 0. For each old replica: start the new one
@@ -51,10 +53,12 @@ from chorus.client import Message, NotConnected, Presence, Reconnect, Room, Send
 from chorus.client.errors import ChorusError
 from chorus.devcluster import LocalCluster
 
+from .bench_procs import process_tree
 from .bench_storm import _cpu_seconds
 
 TOLERANCE = 0.1  # CHORUS_REBALANCE_TOLERANCE for the scale-out, and its convergence test
 SAMPLE_S = 0.5
+CPU_GROUPS = ("replicas", "generators", "proxies", "redis", "bench")
 POLICY = Reconnect(base=0.5, cap=5.0)
 
 
@@ -128,6 +132,29 @@ def _progress(rooms: list[Room], failed: int, joined: bool) -> dict[str, Any]:
 
 
 # -- the fleet as the sampler sees it ----------------------------------------------------------
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, all) jiffies of every core since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def _cpu_between(samples: list[dict[str, Any]], start: float, end: float) -> dict[str, Any]:
+    """CPU-s each group spent from `start` to `end` (wall times), and the machine's mean busy share."""
+    inside = [s for s in samples if start <= s["t"] <= end and "cpu_total" in s]
+    if len(inside) < 2:
+        return {}
+    first, last = inside[0]["cpu_total"], inside[-1]["cpu_total"]
+    spent = {group: round(last[group] - first[group], 1) for group in CPU_GROUPS}
+    busy = statistics.fmean(s["machine_busy"] for s in inside[1:])
+    return {
+        "cpu_s": spent,
+        "replica_share": round(spent["replicas"] / max(0.1, sum(spent.values())), 2),
+        "machine_busy": round(busy, 2),
+        "seconds": round(inside[-1]["t"] - inside[0]["t"], 1),
+    }
+
+
 def _metric(text: str, name: str) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -170,6 +197,38 @@ class Fleet:
         self.marks: list[tuple[float, str]] = []
         self._tasks: set[asyncio.Task[None]] = set()  # readers and collectors, kept alive
         self._redis_pid = cluster.redis.process.pid if cluster.redis.process else 0
+        self._pid_cpu: dict[int, float] = {}  # CPU-s per process at the last sample
+        self.cpu_total: dict[str, float] = dict.fromkeys(CPU_GROUPS, 0.0)  # CPU-s since the start
+        self._machine = _machine_ticks()
+
+    def _group_pids(self) -> dict[str, list[int]]:
+        cluster = self.cluster
+        return {
+            "replicas": [pid for r in cluster.replicas if r.alive() for pid in process_tree(r.pid)],
+            "generators": [proc.pid for proc in self.generators if proc.returncode is None],
+            "proxies": [proxy.pid for proxy in cluster.proxies if proxy.alive()],
+            "redis": [self._redis_pid],
+            "bench": [os.getpid()],
+        }
+
+    def _cpu_sample(self, elapsed: float) -> dict[str, Any]:
+        """Cores each group used since the last sample, their running totals, and the machine's busy share."""
+        cores: dict[str, float] = {}
+        for group, pids in self._group_pids().items():
+            spent = 0.0
+            for pid in pids:
+                try:
+                    now = _cpu_seconds(pid)
+                except (OSError, IndexError, ValueError):  # exited between the listing and the read
+                    continue
+                spent += now - self._pid_cpu.get(pid, now)  # a new process counts from its first sample
+                self._pid_cpu[pid] = now
+            self.cpu_total[group] += spent
+            cores[group] = round(spent / elapsed, 2)
+        machine = _machine_ticks()
+        busy = (machine[0] - self._machine[0]) / max(1, machine[1] - self._machine[1])
+        self._machine = machine
+        return {"cpu_cores": cores, "cpu_total": dict(self.cpu_total), "machine_busy": round(busy, 3)}
 
     def mark(self, what: str) -> None:
         self.marks.append((time.time(), what))
@@ -233,6 +292,7 @@ class Fleet:
                 "t": time.time(),
                 "replicas": replicas,
                 "redis_cpu_percent": round(100 * (cpu - last_cpu) / (now - last_t), 1),
+                **self._cpu_sample(now - last_t),
                 **self.totals(),
             })  # fmt: skip
             last_cpu, last_t = cpu, now
@@ -394,6 +454,8 @@ async def scenario(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                             "old_exited_s": exited,
                             "all_back_s_after_exit": back,
                             "all_back_s_after_sigterm": total,
+                            # Whose CPU the step cost, and how busy the machine was meanwhile.
+                            "cpu": _cpu_between(fleet.samples, sigterm_at, time.time()),
                         }
                     )
                     fleet.mark(f"step {step}: old exited after {exited}s, all back {back}s later")
@@ -448,6 +510,7 @@ async def scenario(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             "peak": max((s["redis_cpu_percent"] for s in during), default=None),
             "run_peak": max((s["redis_cpu_percent"] for s in samples), default=None),
         }
+        result["cpu_during"] = _cpu_between(samples, t0, t1)
         result["closes_1012"] = fleet.totals()["closes_1012"]
         result["closes_1012_per_s"] = [(t, r) for t, r in closes if r > 0]
         result["refused_503_clients"] = fleet.totals()["refused_503"]
@@ -471,7 +534,8 @@ async def scenario(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         result["timeline"] = [
             {"t": round(s["t"] - t_base, 1), "sockets": [r.get("sockets") for r in s["replicas"]],
              "ready": [r.get("ready") for r in s["replicas"]], "redis_cpu_percent": s["redis_cpu_percent"],
-             "connects": s["connects"], "closes_1012": s["closes_1012"], "connected": s["connected"]}
+             "connects": s["connects"], "closes_1012": s["closes_1012"], "connected": s["connected"],
+             "cpu_cores": s.get("cpu_cores"), "machine_busy": s.get("machine_busy")}
             for s in samples
         ]  # fmt: skip
         sent_at = dict(fleet.sent)
