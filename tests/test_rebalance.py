@@ -155,3 +155,24 @@ def test_no_refusal_in_a_fleet_where_no_process_would_shed() -> None:
     fleet = [load("a", 52), load("b", 53), load("c", 40)]
     assert refuses(fleet[0], fleet, 0.1, 30), "a is above the mean and c is out of tolerance"
     assert not sheds_somewhere(fleet, 0.1), "but nobody is MIN_EXCESS over the mean"
+
+
+@pytest.mark.anyio
+async def test_no_moves_for_the_settle_time_after_a_reconnect_wave_landed() -> None:
+    # A drained replica's sockets are still coming back (on a busy machine, for longer than the
+    # settle time after it left): moving and refusing now would only slow them down.
+    broker, hub = _Broker(), _Hub(150)
+    rebalancer = Rebalancer(
+        cast(Any, broker), cast(Any, hub), cast(Any, _Health()),
+        process="a", interval=1.0, tolerance=0.1, rate=20.0, settle=30.0,
+    )  # fmt: skip
+    rebalancer._ready_since = -60.0
+    broker.others = [load("b", 150), load("c", 150)]
+    await rebalancer.beat()
+    hub.connections |= {_Conn() for _ in range(150)}
+    broker.others = [load("b", 300), load("c", 50)]  # 200 more in one beat: a wave, not moves
+    await rebalancer.beat()
+    assert not rebalancer.refusing and not any(conn.closing for conn in hub.connections)
+    rebalancer._wave_at -= 30.0  # the settle time has passed since the wave landed
+    await rebalancer.beat()
+    assert rebalancer.refusing and any(conn.closing for conn in hub.connections)

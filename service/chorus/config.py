@@ -65,7 +65,8 @@ class Settings(BaseSettings):
     presence_max_members: int = Field(100, ge=0, le=1_000_000)
     # -- Rebalancing (chorus.rebalance): a process holding more than (1 + tolerance) x the fleet's
     # mean sockets closes the excess with 1012 `rebalance`, at most `rate` per second (0: off),
-    # only once every process has been ready for `settle` seconds, and `settle` after one left.
+    # only once every process has been ready for `settle` seconds, and `settle` after one left or a
+    # reconnect wave landed.
     rebalance_tolerance: float = Field(0.1, ge=0, le=10)
     rebalance_rate: float = Field(20.0, ge=0, le=100_000)
     rebalance_settle_seconds: float = Field(30.0, ge=0, le=3600)

@@ -10,7 +10,9 @@ it, each process above the mean closes sockets with 1012 `rebalance` (clients re
 off while the fleet is changing: while any process is not ready or has been ready for less
 than `CHORUS_REBALANCE_SETTLE_SECONDS` (a rollout's surge pod must not be filled and then
 killed), for the settle time after a process left the fleet (a rollout between two steps: the
-old pod exited, the next one is not started yet), and while it drains itself.
+old pod exited, the next one is not started yet) and after a reconnect wave landed (the
+fleet's total grew by more in one beat than rebalancing itself moves back: a drained or
+crashed pod's sockets still coming back), and while it drains itself.
 
 The balancer picks where each reconnect lands. With round robin a shed socket lands on any
 process, so most land on another full one and are shed again: 2.7-2.8x the minimum number of
@@ -152,6 +154,8 @@ class Rebalancer:
         self._gave_up = False  # too many shed sockets stayed away: no refusals until balanced
         self._members: set[str] = set()  # the processes in the last fleet report
         self._left_at = -float("inf")  # time.monotonic() when one of them last left
+        self._total: int | None = None  # the fleet's sockets in the last report
+        self._wave_at = -float("inf")  # time.monotonic() when a reconnect wave last landed
         self._shed_seen_at = -float("inf")  # time.monotonic() when a process last had an excess
         self._task: asyncio.Task[None] | None = None
 
@@ -208,17 +212,31 @@ class Rebalancer:
         return None if self._gave_up else missing
 
     def _steady(self, fleet: list[Load]) -> bool:
-        """False for `settle` seconds after a process left the fleet (drained, crashed, scaled in).
+        """False for `settle` seconds after a process left the fleet (drained, crashed, scaled in)
+        or a reconnect wave landed on it.
 
         Readiness alone saw a rollout as settled between steps: at 10,000 sockets a roll step
         (surge ready, old drained and gone) outlasted the 30 s settle, and rebalancing moved
-        sockets onto replicas the next step drained: 17,974 closes, 1.8 per socket.
+        sockets onto replicas the next step drained: 17,974 closes, 1.8 per socket. And on a
+        busy machine a drained replica's sockets came back over 30 s after it exited:
+        rebalancing began while they did, refused them as they landed, and the step's last
+        sockets were back 67 s after the exit instead of 15-20.
         """
+        now = time.monotonic()
         names = {load.process for load in fleet}
         if self._members - names:
-            self._left_at = time.monotonic()
+            self._left_at = now
         self._members = names
-        return time.monotonic() - self._left_at >= self.settle
+        total = sum(load.sockets for load in fleet)
+        if self._total is not None and total - self._total > self._wave(len(fleet)):
+            self._wave_at = now
+        self._total = total
+        return now - max(self._left_at, self._wave_at) >= self.settle
+
+    def _wave(self, processes: int) -> float:
+        """More sockets arriving in one beat than this is a reconnect wave, not rebalancing's own
+        moves coming back (at most `rate` per process per second, twice that for margin)."""
+        return max(MIN_EXCESS, 2 * self.rate * self.interval * processes)
 
     async def beat(self) -> None:
         """Report, read the fleet, and shed for up to one interval when above the tolerance."""
