@@ -219,8 +219,8 @@ class Rebalancer:
         (surge ready, old drained and gone) outlasted the 30 s settle, and rebalancing moved
         sockets onto replicas the next step drained: 17,974 closes, 1.8 per socket. And on a
         busy machine a drained replica's sockets came back over 30 s after it exited:
-        rebalancing began while they did, refused them as they landed, and the step's last
-        sockets were back 67 s after the exit instead of 15-20.
+        rebalancing began while they did and moved others (3,458 more closes), so the step's
+        sockets were all back 67 s after the exit instead of 15-20.
         """
         now = time.monotonic()
         names = {load.process for load in fleet}
