@@ -1,4 +1,4 @@
-"""A PNG of a storm run (`bench_roll`): sockets per replica, reconnects/s, live-room latency, Redis CPU."""
+"""A PNG of a storm run (`bench_roll`): sockets per replica, reconnects/s, live-room latency, CPU."""
 
 from __future__ import annotations
 
@@ -30,8 +30,14 @@ def plot_storm(run: dict[str, Any], out: Path, title: str) -> None:
         latency.plot([s[0] for s in shown], [s[1] for s in shown], label=key.replace("_ms", ""), marker=".")
     latency.set_ylabel("live-room delivery (ms)")
     latency.set_yscale("log")
-    cpu.plot(t, [row["redis_cpu_percent"] for row in rows], label="redis-server")
-    cpu.set_ylabel("Redis CPU (% of a core)")
+    groups = next((row["cpu_cores"] for row in rows if row.get("cpu_cores")), None)
+    if groups:  # runs since the sampler read every group's CPU: whose cores the storm used
+        for group in groups:
+            cpu.plot(t, [(row.get("cpu_cores") or {}).get(group) for row in rows], label=group)
+        cpu.set_ylabel("CPU (cores)")
+    else:
+        cpu.plot(t, [row["redis_cpu_percent"] for row in rows], label="redis-server")
+        cpu.set_ylabel("Redis CPU (% of a core)")
     cpu.set_xlabel("seconds into the run")
     for axis in (sockets, rate, latency, cpu):
         for at, _what in run.get("marks", []):
