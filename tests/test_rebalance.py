@@ -88,16 +88,22 @@ class _Health:
     draining = False
 
 
+def _rebalancer(hub: _Hub, *, rate: float, settle: float) -> tuple[Rebalancer, _Broker, _Hub]:
+    """Process "a" holding `hub`'s sockets, beating every second, tolerance 0.1."""
+    broker = _Broker()
+    rebalancer = Rebalancer(
+        cast(Any, broker), cast(Any, hub), cast(Any, _Health()),
+        process="a", interval=1.0, tolerance=0.1, rate=rate, settle=settle,
+    )  # fmt: skip
+    return rebalancer, broker, hub
+
+
 @pytest.mark.anyio
 async def test_refusals_stop_when_shed_sockets_never_come_back() -> None:
     # The new replica reports ready but the balancer sends it no one: refusing would empty
     # the fleet, so the refusals stop until the fleet is balanced again. (A beat sheds one socket
     # within its 1 s interval; a refusal lasts two intervals: the asserts see it in force.)
-    broker, hub = _Broker(), _Hub(300)
-    rebalancer = Rebalancer(
-        cast(Any, broker), cast(Any, hub), cast(Any, _Health()),
-        process="a", interval=1.0, tolerance=0.1, rate=1.0, settle=0.0,
-    )  # fmt: skip
+    rebalancer, broker, hub = _rebalancer(_Hub(300), rate=1.0, settle=0.0)
     broker.others = [load("b", 300), load("c", 0)]
     await rebalancer.beat()
     assert rebalancer.refusing
@@ -115,11 +121,7 @@ async def test_refusals_stop_when_shed_sockets_never_come_back() -> None:
 async def test_no_moves_for_the_settle_time_after_a_process_left_the_fleet() -> None:
     # A rollout between two steps: every process left is ready and has been for long, but one
     # just left (drained and exited); the next step would drain the sockets moved now.
-    broker, hub = _Broker(), _Hub(300)
-    rebalancer = Rebalancer(
-        cast(Any, broker), cast(Any, hub), cast(Any, _Health()),
-        process="a", interval=1.0, tolerance=0.1, rate=1000.0, settle=30.0,
-    )  # fmt: skip
+    rebalancer, broker, hub = _rebalancer(_Hub(300), rate=1000.0, settle=30.0)
     rebalancer._ready_since = -60.0  # "a" itself has been ready for long
     broker.others = [load("b", 300), load("old", 0, ready=False)]  # drained, about to exit
     await rebalancer.beat()
@@ -135,11 +137,7 @@ async def test_no_moves_for_the_settle_time_after_a_process_left_the_fleet() -> 
 async def test_refusals_lapse_once_no_process_has_anything_to_shed() -> None:
     # c stays under 0.9x the mean, but no process is MIN_EXCESS over it: no more moves come, and a
     # client that can reach "a" only (a bot given the pod's address) must get in again.
-    broker, hub = _Broker(), _Hub(52)
-    rebalancer = Rebalancer(
-        cast(Any, broker), cast(Any, hub), cast(Any, _Health()),
-        process="a", interval=1.0, tolerance=0.1, rate=20.0, settle=0.0,
-    )  # fmt: skip
+    rebalancer, broker, _ = _rebalancer(_Hub(52), rate=20.0, settle=0.0)
     broker.others = [load("b", 70), load("c", 23)]  # b sheds down to the mean of 48
     await rebalancer.beat()
     assert rebalancer.refusing, "b's shed sockets go to c, not to a"
@@ -161,11 +159,7 @@ def test_no_refusal_in_a_fleet_where_no_process_would_shed() -> None:
 async def test_no_moves_for_the_settle_time_after_a_reconnect_wave_landed() -> None:
     # A drained replica's sockets are still coming back (on a busy machine, for longer than the
     # settle time after it left): moving and refusing now would only slow them down.
-    broker, hub = _Broker(), _Hub(150)
-    rebalancer = Rebalancer(
-        cast(Any, broker), cast(Any, hub), cast(Any, _Health()),
-        process="a", interval=1.0, tolerance=0.1, rate=20.0, settle=30.0,
-    )  # fmt: skip
+    rebalancer, broker, hub = _rebalancer(_Hub(150), rate=20.0, settle=30.0)
     rebalancer._ready_since = -60.0
     broker.others = [load("b", 150), load("c", 150)]
     await rebalancer.beat()
