@@ -8,8 +8,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosedError
 
@@ -470,6 +473,44 @@ async def test_a_refused_handshake_that_waiting_cannot_fix_is_not_retried() -> N
                 pass
 
 
+@pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")])
+async def test_a_proxy_answer_that_beats_the_request_out_of_a_stalled_loop_is_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A proxy answers 408 and hangs up when a request is late (HAProxy's `timeout http-request`).
+    # A load generator's loop stalled past it; under uvloop the answer is read before the
+    # request goes out and websockets fails an assertion of its own: the room ended for good.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def front() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                peer, _ = listener.accept()
+                peer.sendall(
+                    b"HTTP/1.1 408 Request Time-out\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+                peer.close()
+
+    threading.Thread(target=front, daemon=True).start()
+
+    async def stalled(*args: Any, **kwargs: Any) -> Any:
+        opening = asyncio.ensure_future(ws_connect(*args, **kwargs))
+        await asyncio.sleep(0)  # the connect goes out...
+        time.sleep(0.2)  # ...and the loop stalls while the answer and the FIN arrive
+        return await opening
+
+    monkeypatch.setattr(room_module, "ws_connect", stalled)
+    try:
+        with pytest.raises(Disconnected, match="cannot open a WebSocket") as gone:
+            async with connect(f"ws://127.0.0.1:{listener.getsockname()[1]}", "r",
+                               reconnect=Reconnect(max_attempts=2, base=0.01)):  # fmt: skip
+                pass
+    finally:
+        listener.close()
+    assert "client failed" not in str(gone.value), "every attempt failed and was retried"
+
+
 # -- pure parts ----------------------------------------------------------------------------------
 
 
@@ -605,7 +646,6 @@ async def refusing_front(
 async def test_a_connection_lost_during_the_opening_handshake_is_retried(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from websockets.asyncio.client import connect as real_connect
 
     calls = 0
 
@@ -614,7 +654,7 @@ async def test_a_connection_lost_during_the_opening_handshake_is_retried(
         calls += 1
         if calls == 2:  # the first reconnect loses its connection before the request went out
             raise ConnectionClosedError(None, None)
-        return real_connect(*args, **kwargs)
+        return ws_connect(*args, **kwargs)
 
     async def script(ws: ServerConnection, n: int) -> None:
         await ws.close(1012 if n == 0 else 4001)

@@ -16,6 +16,6 @@ class Stats:
     replayed: int = 0  # stream entries a resume delivered that predate it (id time vs. our clock)
     duplicates_dropped: int = 0  # stream entries already seen (by id) or our own, already acked
     resyncs: int = 0  # `resync` frames: the server could not resume from our last id
-    unreachable: int = 0  # attempts that failed before any HTTP answer (refused, reset, timeout)
+    unreachable: int = 0  # attempts that failed before a usable HTTP answer (refused, reset, timeout)
     close_codes: Counter[int] = field(default_factory=Counter)  # every socket close, by code
     refused: Counter[int] = field(default_factory=Counter)  # refused handshakes, by HTTP status
