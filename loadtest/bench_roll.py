@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvloop
 
 from chorus.client import Message, NotConnected, Presence, Reconnect, Room, SendUnconfirmed, connect
 from chorus.client.errors import ChorusError
@@ -636,11 +637,9 @@ if __name__ == "__main__":
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.generator:
-        asyncio.run(
-            generator(args.url, args.generator, args.seconds, args.concurrency, args.tag, args.source)
-        )
+        uvloop.run(generator(args.url, args.generator, args.seconds, args.concurrency, args.tag, args.source))
         os._exit(0)  # the rooms' sockets die with the process; no goodbye wave
-    result = asyncio.run(main(args))
+    result = uvloop.run(main(args))
     args.out.mkdir(parents=True, exist_ok=True)
     from .plot_storm import plot_storm
 
