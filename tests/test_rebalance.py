@@ -8,7 +8,7 @@ import pytest
 
 from chorus.broker import Load
 from chorus.rebalance import (
-    REFUSE_AFTER_SHEDDING_SECONDS,
+    REFUSE_AFTER_MOVES_SECONDS,
     Rebalancer,
     excess,
     missing_allowed,
@@ -144,7 +144,7 @@ async def test_refusals_lapse_once_no_process_has_anything_to_shed() -> None:
     broker.others = [load("b", 53), load("c", 40)]  # b is done; c is still out of tolerance
     await rebalancer.beat()
     assert rebalancer.refusing, "the sockets b shed moments ago are still on their way"
-    rebalancer._shed_seen_at -= REFUSE_AFTER_SHEDDING_SECONDS
+    rebalancer._moving_at -= REFUSE_AFTER_MOVES_SECONDS
     await rebalancer.beat()
     assert not rebalancer.refusing
 
@@ -170,3 +170,21 @@ async def test_no_moves_for_the_settle_time_after_a_reconnect_wave_landed() -> N
     rebalancer._wave_at -= 30.0  # the settle time has passed since the wave landed
     await rebalancer.beat()
     assert rebalancer.refusing and any(conn.closing for conn in hub.connections)
+
+
+@pytest.mark.anyio
+async def test_refusals_go_on_while_shed_sockets_are_still_coming_back() -> None:
+    # On a starved machine moved clients took over 20 s to come back: nobody had anything left
+    # to shed, but cutting the refusals then sent hundreds of them back to the full replicas.
+    rebalancer, broker, _ = _rebalancer(_Hub(100), rate=20.0, settle=0.0)
+    broker.others = [load("b", 170), load("c", 30)]  # 300: b sheds down to the mean of 100
+    await rebalancer.beat()
+    broker.others = [load("b", 100), load("c", 40)]  # b is done; 60 on their way
+    await rebalancer.beat()
+    rebalancer._moving_at -= REFUSE_AFTER_MOVES_SECONDS
+    broker.others = [load("b", 100), load("c", 60)]  # 20 of them arrived in this beat
+    await rebalancer.beat()
+    assert rebalancer.refusing, "sockets still arrive: keep steering them to c"
+    rebalancer._moving_at -= REFUSE_AFTER_MOVES_SECONDS
+    await rebalancer.beat()  # and none for the whole window since
+    assert not rebalancer.refusing

@@ -24,12 +24,12 @@ at most two beats old (a process that cannot report stops refusing on its own), 
 fleet of one, never while draining (draining's own refusal comes first), and not once the
 fleet's total has fallen by more than `missing_allowed` since the refusing began: if the
 under-full process is ready but the balancer sends it no one, refusing would shed the fleet
-down to nothing, while without the refusal the shed sockets come back as before. Nor once no
-process has had anything to shed for `REFUSE_AFTER_SHEDDING_SECONDS`: a fleet can stay just
-out of tolerance with every process under `MIN_EXCESS` above the mean, and a client that
-reaches one replica only (a bot given a pod's address) was refused for as long as that
-lasted. A process aims at the mean, counting the sockets shed moments ago and not yet back,
-and checks the fleet again each beat.
+down to nothing, while without the refusal the shed sockets come back as before. Nor once, for
+`REFUSE_AFTER_MOVES_SECONDS`, no process has had anything to shed and no shed socket has come
+back: a fleet can stay just out of tolerance with every process under `MIN_EXCESS` above the
+mean, and a client that reaches one replica only (a bot given a pod's address) was refused
+for as long as that lasted. A process aims at the mean, counting the sockets shed moments ago
+and not yet back, and checks the fleet again each beat.
 """
 
 from __future__ import annotations
@@ -57,9 +57,11 @@ REFUSE_BEATS: Final = 2
 # what every process could shed in this many seconds, whichever is more (a shed socket
 # reconnects within its backoff plus a 1-2 s Retry-After per refusal: 5-6 s measured with 600).
 REFUSE_MISSING_SECONDS: Final = 10.0
-# Refusals steer the sockets shed moments ago to the under-full process; this long after the
-# last process with something to shed, every one of them has had its reconnects (see above).
-REFUSE_AFTER_SHEDDING_SECONDS: Final = 10.0
+# Refusals steer the sockets shed moments ago to the under-full process. They lapse this long
+# after the last beat in which a process had something to shed or shed sockets were still
+# coming back (a lapse 10 s after the last shed alone cut them off while 700 of 3,334 moved
+# sockets were still on their way at 10,000 on a starved machine, and those landed anywhere).
+REFUSE_AFTER_MOVES_SECONDS: Final = 10.0
 # A handful of sockets over the mean costs nothing; moving them costs each a reconnect (and
 # would close sockets of small test fleets where round robin cannot split evenly).
 MIN_EXCESS: Final = 10
@@ -156,7 +158,8 @@ class Rebalancer:
         self._left_at = -float("inf")  # time.monotonic() when one of them last left
         self._total: int | None = None  # the fleet's sockets in the last report
         self._wave_at = -float("inf")  # time.monotonic() when a reconnect wave last landed
-        self._shed_seen_at = -float("inf")  # time.monotonic() when a process last had an excess
+        self._moving_at = -float("inf")  # time.monotonic() when sockets last had to move or came back
+        self._missing = 0  # shed sockets not back at the last beat
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -245,13 +248,14 @@ class Rebalancer:
         steady = self._steady(fleet)
         in_flight = self._in_flight(fleet)
         missing = in_flight or 0
-        if sheds_somewhere(fleet, self.tolerance, missing=missing):
-            self._shed_seen_at = time.monotonic()
+        if missing < self._missing or sheds_somewhere(fleet, self.tolerance, missing=missing):
+            self._moving_at = time.monotonic()
+        self._missing = missing
         if (
             not self.refuse
             or not steady
             or in_flight is None
-            or time.monotonic() - self._shed_seen_at >= REFUSE_AFTER_SHEDDING_SECONDS
+            or time.monotonic() - self._moving_at >= REFUSE_AFTER_MOVES_SECONDS
             or self.rate <= 0
             or not refuses(load, fleet, self.tolerance, self.settle, missing=missing)
         ):
