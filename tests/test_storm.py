@@ -27,6 +27,7 @@ pytestmark = pytest.mark.anyio
 
 SOCKETS = 120
 MESSAGES = 30
+MEMBER_RECONNECT = Reconnect(base=0.1, cap=2.0)
 
 
 async def refusal(url: str) -> tuple[int, dict[str, str]] | None:
@@ -66,9 +67,10 @@ async def test_a_handshake_wave_is_shed_with_retry_after_and_everyone_gets_in(
 
 
 async def _members(url: str, count: int, stack: AsyncExitStack) -> list[Room]:
-    policy = Reconnect(base=0.1, cap=2.0)
     joins = (
-        stack.enter_async_context(connect(url, "live", username=f"m{i}", history=0, reconnect=policy))
+        stack.enter_async_context(
+            connect(url, "live", username=f"m{i}", history=0, reconnect=MEMBER_RECONNECT)
+        )
         for i in range(count)
     )
     return list(await asyncio.gather(*joins))
@@ -184,9 +186,10 @@ async def test_a_scale_out_rebalances_and_loses_nothing(make_cluster: Callable[.
         # One member reaches replica 0 only, as a bot given a pod's address does: if it is moved,
         # it must get back in there once nothing moves any more, and miss nothing.
         pinned = await stack.enter_async_context(
-            connect(cluster.replica_ws_url(0), "live", username="pinned", history=0,
-                    reconnect=Reconnect(base=0.1, cap=2.0))
-        )  # fmt: skip
+            connect(
+                cluster.replica_ws_url(0), "live", username="pinned", history=0, reconnect=MEMBER_RECONNECT
+            )
+        )
         # A moved sender's sends wait for its next socket (a few refused tries behind round robin).
         sender = await stack.enter_async_context(
             connect(cluster.ws_url, "live", username="sender", history=0, send_timeout=60)

@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage, InvalidStatus
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
@@ -300,16 +300,11 @@ class Room:
                     return
                 last_failure = refused
                 continue
-            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, AssertionError) as exc:
+            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
                 # websockets raises ConnectionClosed when the connection is lost before its
                 # opening request goes out (a busy client loop): transient like the others.
                 # Uncaught, it ended the room; a suspect for the clients that never came back
                 # after a crash at 10,000 sockets (README Performance, "At 10,000 sockets").
-                # And under uvloop, when a proxy's answer (HAProxy's 408 after its
-                # `timeout http-request`) arrives before the stalled loop sent the request,
-                # websockets 17.4 fails its own `close_deadline is None` assertion instead of
-                # raising InvalidStatus: 107 of 3,300 rooms ended that way in a 10,000-socket
-                # roll. The handshake raised it, nothing of ours: a failed attempt, retried.
                 self.stats.unreachable += 1
                 last_failure = Disconnected(f"cannot open a WebSocket to {self._endpoint}: {exc}")
                 continue
@@ -339,9 +334,16 @@ class Room:
         uri = f"{self._endpoint}?{urlencode(params)}" if params else self._endpoint
         # websockets hands extra keywords to loop.create_connection.
         extra: dict[str, Any] = {} if self._local_addr is None else {"local_addr": self._local_addr}
-        return await ws_connect(
-            uri, subprotocols=subprotocols, open_timeout=self._open_timeout, close_timeout=2, **extra
-        )
+        try:
+            return await ws_connect(
+                uri, subprotocols=subprotocols, open_timeout=self._open_timeout, close_timeout=2, **extra
+            )
+        except AssertionError as exc:
+            # Under uvloop, when a proxy's answer (HAProxy's 408 after its `timeout
+            # http-request`) arrives before a stalled loop sent the request, websockets 17.4
+            # fails its own `close_deadline is None` assertion instead of raising InvalidStatus:
+            # 107 of 3,300 rooms ended that way in a 10,000-socket roll. A failed handshake.
+            raise InvalidMessage(f"websockets could not finish the opening handshake ({exc!r})") from exc
 
     async def _session(self, ws: ClientConnection) -> tuple[bool, int, str]:
         """Serve one socket until it closes: (welcomed, close code, close reason)."""
